@@ -1,0 +1,94 @@
+"""A torch dataset of encoded conversations, checked in full before training starts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .llava import BadRecord, ConversationEncoder, Sample
+
+
+class ConversationDataset(Dataset):
+    """Encodes every sample's text and checks every image up front, so a bad record stops
+    the run before any compute is spent (or, with `skip_bad_records`, is left out and
+    counted by reason in `skipped`). Images are decoded when a batch needs them."""
+
+    def __init__(self, samples: list[Sample], encoder: ConversationEncoder, skip_bad_records: bool = False,
+                 check_images: bool = True):
+        self.encoder = encoder
+        self.items: list[tuple[Sample, dict]] = []
+        self.skipped: Counter = Counter()
+        self.skipped_ids: list[str] = []
+        for sample in samples:
+            try:
+                encoded = encoder.encode_text(sample)
+                if check_images:
+                    for image in sample.images:
+                        _check_image(image, sample.id)
+            except BadRecord as err:
+                if not skip_bad_records:
+                    raise
+                self.skipped[err.kind] += 1
+                self.skipped_ids.append(err.record_id)
+                continue
+            self.items.append((sample, encoded))
+        if not self.items:
+            raise ValueError(f"no usable records (skipped: {dict(self.skipped)})")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        sample, encoded = self.items[i]
+        return {**encoded, "pixel_values": self.encoder.images(sample), "id": sample.id}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for _, e in self.items]
+
+    @property
+    def has_image(self) -> list[bool]:
+        return [bool(s.images) for s, _ in self.items]
+
+    def skip_report(self) -> str:
+        """One line saying what was skipped and why (empty when nothing was)."""
+        if not self.skipped:
+            return ""
+        reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items()))
+        shown = ", ".join(self.skipped_ids[:5]) + (" ..." if len(self.skipped_ids) > 5 else "")
+        return f"skipped {sum(self.skipped.values())} record(s): {reasons} (ids: {shown})"
+
+
+def _check_image(image, record_id: str) -> None:
+    if isinstance(image, bytes):
+        return
+    try:
+        with Image.open(Path(image)) as im:
+            im.verify()
+    except (OSError, ValueError) as err:
+        raise BadRecord(record_id, f"cannot read image {image}: {err}", "bad image") from err
+
+
+def collate_conversations(pad_id: int):
+    """A collate function: right padding, labels padded with -100, the batch's images
+    stacked in sample order (text-only samples add none)."""
+
+    def collate(rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[k, :n], labels[k, :n], mask[k, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        images = [r["pixel_values"] for r in rows if r["pixel_values"] is not None]
+        if images:
+            batch["pixel_values"] = torch.cat(images)
+        return batch
+
+    return collate

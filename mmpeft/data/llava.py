@@ -1,0 +1,234 @@
+"""Multimodal conversations: reading them from the formats users have, and turning each
+into model inputs whose labels cover the assistant's answers and nothing else.
+
+A `Sample` is one conversation: `messages` (user / assistant turns, `<image>` where an
+image goes) and the images they refer to. Readers build samples from LLaVA JSON, a
+Hugging Face dataset with `messages` + `images` columns, img2dataset caption shards, or a
+JSONL of image + caption.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+IMAGE_MARKER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class BadRecord(ValueError):
+    """A record that cannot become a training sample; the message names it and says why."""
+
+    def __init__(self, record_id: str, reason: str, kind: str):
+        super().__init__(f"record {record_id}: {reason}")
+        self.record_id, self.reason, self.kind = record_id, reason, kind
+
+
+@dataclass
+class Sample:
+    """One conversation with the images its `<image>` markers refer to, in order. An image
+    is a path or raw bytes."""
+
+    id: str
+    messages: list[dict]
+    images: list = field(default_factory=list)
+
+
+def read_llava_json(path: str | Path, image_folder: str | Path) -> list[Sample]:
+    """LLaVA's `[{"id", "image"?, "conversations": [{"from", "value"}]}]` with image paths
+    relative to `image_folder`. Structural errors name the file and the record."""
+    path, image_folder = Path(path), Path(image_folder)
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read LLaVA records: {err}") from err
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of records, found {type(records).__name__}")
+    samples = []
+    for k, rec in enumerate(records):
+        rid = str(rec.get("id", f"#{k}"))
+        turns = rec.get("conversations")
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t
+                                                  for t in turns):
+            raise ValueError(f"{path}: record {rid}: 'conversations' must be a list of {{from, value}}")
+        unknown = {t["from"] for t in turns} - set(ROLES)
+        if unknown:
+            raise ValueError(f"{path}: record {rid}: unknown speaker(s) {sorted(unknown)}")
+        images = rec.get("image") or []
+        images = [images] if isinstance(images, str) else list(images)
+        samples.append(Sample(rid, [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns],
+                              [image_folder / im for im in images]))
+    return samples
+
+
+def read_messages_dataset(dataset, id_column: str | None = None) -> list[Sample]:
+    """A Hugging Face dataset (or list of dicts) with `messages` and `images` columns, as
+    TRL's vision SFT uses: content is text, or a list of `{"type": "image"}` and
+    `{"type": "text", "text": ...}` parts."""
+    samples = []
+    for k, row in enumerate(dataset):
+        messages = []
+        for m in row["messages"]:
+            content = m["content"]
+            if isinstance(content, list):
+                content = "".join(IMAGE_MARKER if part.get("type") == "image" else part.get("text", "")
+                                  for part in content)
+            messages.append({"role": ROLES.get(m["role"], m["role"]), "content": content})
+        images = [im if isinstance(im, str | Path | bytes) else _to_bytes(im) for im in row.get("images") or []]
+        samples.append(Sample(str(row[id_column]) if id_column else f"#{k}", messages, images))
+    return samples
+
+
+def _to_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def caption_sample(sample_id: str, image, caption: str) -> Sample:
+    """A stage-1 pair: the user turn is only the image, the answer is the caption."""
+    return Sample(sample_id, [{"role": "user", "content": IMAGE_MARKER},
+                              {"role": "assistant", "content": caption.strip()}], [image])
+
+
+def read_caption_shards(pattern: str) -> list[Sample]:
+    """Caption pairs from img2dataset webdataset shards (`key.jpg` + `key.txt`); a key with
+    an image but no caption, or the reverse, is an error naming shard and key."""
+    shards = sorted(glob.glob(pattern))
+    if not shards:
+        raise FileNotFoundError(f"no shards match {pattern}")
+    samples = []
+    for shard in shards:
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for info in tar.getmembers():
+                if info.isfile():
+                    key, _, ext = info.name.partition(".")
+                    members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+        for key, parts in members.items():
+            image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+            if image is None or "txt" not in parts:
+                raise ValueError(f"{shard}: key {key} lacks {'an image' if image is None else 'a caption (.txt)'}")
+            samples.append(caption_sample(f"{Path(shard).name}/{key}", image, parts["txt"].decode()))
+    return samples
+
+
+def read_caption_jsonl(path: str | Path, image_folder: str | Path) -> list[Sample]:
+    """Caption pairs from JSONL lines `{"image": relative path, "caption": text}`."""
+    samples = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "image" not in row or "caption" not in row:
+            raise ValueError(f"{path}: line {n} needs 'image' and 'caption'")
+        samples.append(caption_sample(str(row.get("id", f"line{n}")), Path(image_folder) / row["image"],
+                                      row["caption"]))
+    return samples
+
+
+def open_image(image, record_id: str) -> Image.Image:
+    """Decode an image path or bytes to RGB; a missing or corrupt file is a `BadRecord`."""
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as err:
+        where = "image bytes" if isinstance(image, bytes) else str(image)
+        raise BadRecord(record_id, f"cannot read image {where}: {err}", "bad image") from err
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre the image on a square canvas of `fill` colour (LLaVA's `pad` aspect ratio)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+class ConversationEncoder:
+    """Turns a `Sample` into `input_ids`, `labels` and `pixel_values`.
+
+    Labels are -100 everywhere but the tokens inside the template's generation blocks.
+    Each `<image>` token is expanded to `image_seq_length` copies after tokenization, so
+    the count of image tokens always equals the count of image features. A sample longer
+    than `max_length` is cut at the end, but never through or before an image's tokens, and
+    never down to no answer tokens: those are `BadRecord`s.
+    """
+
+    def __init__(self, tokenizer, image_processor, chat_template: str, image_token: str,
+                 image_seq_length: int, max_length: int, pad_to_square: bool = False):
+        self.tokenizer, self.image_processor, self.template = tokenizer, image_processor, chat_template
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no token {image_token!r}; add it before encoding")
+        self.image_seq_length, self.max_length, self.pad = image_seq_length, max_length, pad_to_square
+        mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+        self.fill = tuple(int(round(255 * m)) for m in mean)
+
+    def check(self, sample: Sample) -> None:
+        """Structural checks that need no tokenizer."""
+        roles = [m["role"] for m in sample.messages if m["role"] != "system"]
+        if "user" not in roles:
+            raise BadRecord(sample.id, "no human turn", "no human turn")
+        if "assistant" not in roles:
+            raise BadRecord(sample.id, "no assistant turn", "no answer")
+        markers = sum(m["content"].count(IMAGE_MARKER) for m in sample.messages)
+        if markers != len(sample.images):
+            kind = "more <image> markers than images" if markers > len(sample.images) else \
+                "more images than <image> markers"
+            raise BadRecord(sample.id, f"{markers} <image> marker(s) but {len(sample.images)} image(s)", kind)
+        if any(not m["content"].strip() for m in sample.messages if m["role"] == "assistant"):
+            raise BadRecord(sample.id, "an assistant turn is empty", "empty answer")
+
+    def encode_text(self, sample: Sample) -> dict:
+        """Token ids and labels, images expanded to their token runs."""
+        self.check(sample)
+        enc = self.tokenizer.apply_chat_template(
+            sample.messages, chat_template=self.template, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True)
+        ids, labels = [], []
+        for tok, in_answer in zip(enc["input_ids"], enc["assistant_masks"], strict=True):
+            if tok == self.image_token_id:
+                ids += [tok] * self.image_seq_length
+                labels += [-100] * self.image_seq_length
+            else:
+                ids.append(tok)
+                labels.append(tok if in_answer else -100)
+        if len(ids) > self.max_length:
+            if self.image_token_id in ids[self.max_length:]:
+                raise BadRecord(sample.id, f"{len(ids)} tokens: cutting to max_length {self.max_length} would cut "
+                                "an image's tokens", "image cut by truncation")
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(lab == -100 for lab in labels):
+            raise BadRecord(sample.id, f"no answer tokens left within max_length {self.max_length}",
+                            "empty answer after truncation")
+        return {"input_ids": ids, "labels": labels}
+
+    def encode_prompt(self, sample: Sample) -> list[int]:
+        """Token ids of a conversation that ends with a user turn, followed by the
+        template's cue for the assistant to answer (for generation)."""
+        ids = self.tokenizer.apply_chat_template(sample.messages, chat_template=self.template, tokenize=True,
+                                                 add_generation_prompt=True, return_dict=True)["input_ids"]
+        out = []
+        for tok in ids:
+            out += [tok] * self.image_seq_length if tok == self.image_token_id else [tok]
+        return out
+
+    def images(self, sample: Sample) -> torch.Tensor | None:
+        """Preprocessed pixel values of the sample's images, or None for text-only."""
+        if not sample.images:
+            return None
+        pil = [open_image(im, sample.id) for im in sample.images]
+        if self.pad:
+            pil = [pad_to_square(im, self.fill) for im in pil]
+        return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]

@@ -1,0 +1,1 @@
+"""Held-out figures: answer accuracy, recall, image similarity."""

@@ -1,0 +1,112 @@
+"""LLaVA assembled from parts: a CLIP vision tower, a connector and any causal LM, as a
+transformers-native `LlavaForConditionalGeneration`.
+
+The parts are moved in as they were loaded (quantized or not), never copied: the shell is
+built on the meta device and its three parts replaced by the loaded modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+IMAGE_TOKEN = "<image>"
+CONNECTORS = ("linear", "mlp2x_gelu")
+
+
+class LinearProjector(nn.Module):
+    """LLaVA-1's connector: one linear map from vision width to LM width."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_1(image_features)
+
+
+def add_tokens(tokenizer, lm, tokens: list[str]) -> list[int]:
+    """Add special tokens (those missing), grow the LM's input embeddings and output head
+    to match with every new row at the mean of the old rows (deterministic, so a rebuilt
+    model is identical), and return the tokens' ids."""
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    old = lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > old:
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for matrix in {id(m): m for m in (lm.get_input_embeddings(), lm.get_output_embeddings())}.values():
+                matrix.weight[old:] = matrix.weight[:old].mean(0, keepdim=True)
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+def add_image_token(tokenizer, lm, image_token: str = IMAGE_TOKEN) -> int:
+    """Add the image placeholder token (see `add_tokens`) and return its id."""
+    return add_tokens(tokenizer, lm, [image_token])[0]
+
+
+def build_llava(vision_tower: nn.Module, lm, image_token_id: int, connector: str = "mlp2x_gelu",
+                vision_feature_layer: int = -2) -> LlavaForConditionalGeneration:
+    """A `LlavaForConditionalGeneration` around an existing CLIP vision tower (a
+    `CLIPVisionModel`) and causal LM; only the connector is new (seeded by the caller).
+
+    Features come from `vision_feature_layer` with the class token dropped, as in LLaVA.
+    """
+    if connector not in CONNECTORS:
+        raise ValueError(f"connector must be one of {CONNECTORS}, not '{connector}'")
+    vcfg = vision_tower.config
+    config = LlavaConfig(
+        vision_config=vcfg.to_dict(), text_config=lm.config.to_dict(), image_token_index=image_token_id,
+        image_seq_length=(vcfg.image_size // vcfg.patch_size) ** 2, projector_hidden_act="gelu",
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
+        tie_word_embeddings=getattr(lm.config, "tie_word_embeddings", False),
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision_tower
+    model.model.language_model = lm.base_model
+    model.lm_head = lm.get_output_embeddings()
+    # the vision tower is never quantized, so its dtype is the one the connector should have
+    dtype = next(vision_tower.parameters()).dtype
+    model.model.multi_modal_projector = (
+        LlavaMultiModalProjector(config) if connector == "mlp2x_gelu"
+        else LinearProjector(vcfg.hidden_size, lm.config.hidden_size)
+    ).to(dtype=dtype)
+    model.config.mmpeft_connector = connector
+    return model
+
+
+def llava_processor(image_processor, tokenizer, vision_config, image_token: str = IMAGE_TOKEN) -> LlavaProcessor:
+    """The `LlavaProcessor` that inference and export use (it expands `<image>` itself)."""
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+                          vision_feature_select_strategy="default", image_token=image_token,
+                          num_additional_image_tokens=1)
+
+
+def load_base_models(preset, qlora: bool = False, dtype: torch.dtype = torch.float32):
+    """From a resolved preset: the causal LM (4-bit NF4 when `qlora`; its head and the
+    vision tower stay unquantized), its tokenizer, the CLIP vision tower and CLIP's image
+    processor."""
+    from transformers import BitsAndBytesConfig
+
+    from ..presets import load_clip, load_lm
+
+    quant = None
+    if qlora:
+        # storage in the compute dtype lets ZeRO-3 shard the 4-bit weights like any other tensor
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    lm, tokenizer = load_lm(preset, dtype=dtype, quantization_config=quant)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    clip, processor = load_clip(preset, dtype=dtype)
+    return lm, tokenizer, clip.vision_model, processor.image_processor
+
+
+def llava_parts(model) -> dict[str, nn.Module]:
+    """The parts whose trainability a recipe sets."""
+    return {"vision": model.model.vision_tower, "connector": model.model.multi_modal_projector,
+            "llm": model.model.language_model}

@@ -1,0 +1,66 @@
+"""Which parameters train, set per part by explicit choice.
+
+Each part (`vision`, `connector`, `llm`) is `frozen`, `full` or `lora`. LoRA targets are
+the `nn.Linear` layers found inside the parts that ask for LoRA, by module type, never by
+guessing from names; the LM head is never a target. Fully trained parts that sit beside a
+LoRA adapter are PEFT `modules_to_save`, so the adapter files carry them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+CHOICES = ("frozen", "full", "lora")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyperparameters; LLaVA-1.5's LoRA run used r 128, alpha 256, dropout 0.05."""
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+
+
+def linear_layer_names(root: nn.Module, prefix: str) -> list[str]:
+    """Full names of the linear layers under `root` (bitsandbytes 4-bit layers included)."""
+    names = []
+    for name, module in root.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.append(f"{prefix}.{name}" if name else prefix)
+    return names
+
+
+def apply_trainability(model, parts: dict[str, nn.Module], choice: dict[str, str],
+                       lora: LoraSettings | None = None):
+    """Freeze everything, then open each part as `choice` says. `parts` maps a part name
+    to its module inside `model`. Returns the model, wrapped by PEFT when any part is LoRA."""
+    problems = [f"{p}: '{c}' is not one of {CHOICES}" for p, c in choice.items() if c not in CHOICES]
+    problems += [f"{p}: no such part (parts: {', '.join(parts)})" for p in choice if p not in parts]
+    if problems:
+        raise ValueError("trainability settings: " + "; ".join(problems))
+    names = {module: name for name, module in model.named_modules()}
+    model.requires_grad_(False)
+    targets, full = [], []
+    for part, how in choice.items():
+        module = parts[part]
+        if how == "full":
+            module.requires_grad_(True)
+            full.append(names[module])
+        elif how == "lora":
+            targets += linear_layer_names(module, names[module])
+    if not targets:
+        return model
+    lora = lora or LoraSettings()
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        modules_to_save=full or None, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def trainable_parameter_count(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

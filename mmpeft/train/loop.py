@@ -1,0 +1,228 @@
+"""The training loop every recipe shares: DeepSpeed engine, grouped batches, checkpoints
+that resume exactly.
+
+The model's forward returns the loss and its parts; this loop only optimizes, logs and
+saves. It runs the same under `deepspeed`, `torchrun` and plain `python` (one process).
+
+A checkpoint `checkpoint-{step}/` holds the engine state (trainable weights, optimizer,
+scheduler, `ds/`), each rank's RNG state, `trainer_state.json` (written last: a folder
+without it is incomplete and ignored), and whatever the recipe's `export` writes there
+(adapter, connector, processor, config), so every checkpoint also loads for inference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from .sampler import GroupedBatchSampler
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """What the loop needs; the recipe's YAML holds these under `training:`."""
+
+    output_dir: str
+    max_steps: int
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lr_by_part: dict[str, float] = field(default_factory=dict)  # name fragment -> learning rate
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_steps: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_steps: int = 10
+    ds_config: str | None = "ds_configs/zero2.json"
+    bf16: bool = False
+    group_by_modality: bool = True
+    num_workers: int = 0
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Join (or, alone, create) the process group; returns `(rank, world_size)`."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python`: a group of one
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The JSON config with every `"auto"` filled from the training settings."""
+    base = json.loads(Path(cfg.ds_config).read_text()) if cfg.ds_config else {"zero_optimization": {"stage": 0}}
+    values = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+              "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+              "gradient_clipping": cfg.max_grad_norm}
+    base.update(values)
+    base["bf16"] = {**base.get("bf16", {}), "enabled": cfg.bf16}
+    base["fp16"] = {**base.get("fp16", {}), "enabled": False}
+    zero = base.get("zero_optimization", {})
+    for key, value in list(zero.items()):
+        if value == "auto":
+            zero[key] = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
+                         "stage3_param_persistence_threshold": 1e5}.get(key, value)
+    base.setdefault("steps_per_print", 10**9)
+    return base
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Trainable parameters grouped by learning rate (first matching `lr_by_part` fragment)
+    and by weight decay (none for biases, norms and other 1-D parameters)."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = next((v for k, v in cfg.lr_by_part.items() if k in name), cfg.lr)
+        decay = 0.0 if p.ndim < 2 else cfg.weight_decay
+        groups.setdefault((lr, decay), []).append(p)
+    if not groups:
+        raise ValueError("no parameter is trainable: check the trainability settings")
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def _schedule(cfg: TrainConfig):
+    warmup = max(1, round(cfg.max_steps * cfg.warmup_ratio)) if cfg.warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:  # linear warmup, then cosine to zero
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / STATE_FILE).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
+          forward: Callable[[torch.nn.Module, dict], dict], export: Callable[[Path, bool], None],
+          lengths: list[int], has_image: list[bool], resume: str | None = None,
+          log: Callable[[str], None] = print) -> list[dict]:
+    """Train for `cfg.max_steps` optimizer steps and return the history (one dict per
+    step: loss, its parts, learning rate). `forward(engine, batch)` returns a dict with
+    `loss` and any named parts; `export(folder, is_main)` writes the inference files.
+    `resume`: a checkpoint folder, or `latest` for the newest in `output_dir`."""
+    import deepspeed
+
+    rank, world = setup_distributed()
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world))
+    sampler = GroupedBatchSampler(lengths, has_image, cfg.micro_batch_size, world, rank, cfg.grad_accum, cfg.seed,
+                                  cfg.group_by_modality)
+    # its own generator: making an iterator must not draw from the global RNG that dropout uses,
+    # or a resumed run would see other dropout masks than an uninterrupted one
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    per_epoch = len(sampler)
+    step, history = 0, []
+    ckpt = latest_checkpoint(out) if resume == "latest" else Path(resume) if resume else None
+    if ckpt is not None:
+        engine.load_checkpoint(str(ckpt / "ds"), tag="state", load_module_strict=False)
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        step, history = state["step"], state["history"]
+        torch.set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=True))
+        log(f"resumed from {ckpt} at step {step}")
+    micro_done = step * cfg.grad_accum
+    epoch = micro_done // per_epoch
+    sampler.set_epoch(epoch, micro_done % per_epoch)
+    batches = iter(loader)
+    if rank == 0 and sampler.repeated:
+        log(f"{sampler.repeated} sample(s) repeated to fill the last batch of each modality")
+    engine.train()
+    start, device = time.time(), engine.device
+    while step < cfg.max_steps:
+        sums: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                epoch += 1
+                sampler.set_epoch(epoch)
+                batches = iter(loader)
+                batch = next(batches)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            parts = forward(engine, batch)
+            engine.backward(parts["loss"])
+            engine.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        step += 1
+        factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]
+        record = {"step": step, **_mean_over_ranks(sums), "lr": cfg.lr * factor}
+        history.append(record)
+        if rank == 0 and (step % cfg.log_steps == 0 or step == cfg.max_steps or step == 1):
+            parts_text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "lr"))
+            log(f"step {step}/{cfg.max_steps} {parts_text} lr {record['lr']:.2e} "
+                f"({(time.time() - start) / max(1, len(history)):.2f} s/step)")
+        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+            _save_checkpoint(engine, out / f"checkpoint-{step}", step, history, rank, export, cfg)
+    export_trained(engine, out, rank == 0, export)
+    return history
+
+
+def export_trained(engine, folder: Path, is_main: bool, export: Callable[[Path, bool], None]) -> None:
+    """Run `export` with the trainable weights gathered (ZeRO-3 shards them across ranks)."""
+    import deepspeed
+
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    zero3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None, enabled=zero3):
+        if is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+        export(folder, is_main)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _save_checkpoint(engine, folder: Path, step: int, history: list[dict], rank: int, export, cfg: TrainConfig):
+    engine.save_checkpoint(str(folder / "ds"), tag="state", exclude_frozen_parameters=True)
+    torch.save(torch.get_rng_state(), folder / f"rng_rank{rank}.pt")
+    export_trained(engine, folder, rank == 0, export)
+    if rank == 0:
+        (folder / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "config": asdict(cfg)},
+                                                    indent=1) + "\n")
+        done = sorted((p for p in folder.parent.glob("checkpoint-*") if (p / STATE_FILE).exists()),
+                      key=lambda p: int(p.name.split("-")[1]))
+        for old in done[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,275 @@
+"""Build the tiny model zoo from a world: tokenizers, CLIP, LM and Stable Diffusion.
+
+Each part is trained, evaluated on the world's test split, saved with the libraries' own
+`save_pretrained`, and marked finished by a `zoo_part.json` holding its spec and metrics,
+written last. A second build with the same spec loads nothing and trains nothing.
+
+Parts run in two processes of one thread each: on a 2-core machine two single-threaded
+trainings finish sooner than one two-threaded training after another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.coco import read_coco
+
+ZOO_VERSION = 1
+PART_FILE = "zoo_part.json"
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """Training lengths and seed of the zoo; tests use tiny values, users the defaults."""
+
+    seed: int = 0
+    clip_steps: int = 500
+    lm_steps: int = 1200
+    vae_steps: int = 400
+    unet_steps: int = 1200
+    sd_image_size: int = 32
+    eval_questions: int = 300
+    version: int = ZOO_VERSION
+
+
+def _images(world: Path, split: str, size: int | None = None):
+    coco = read_coco(world / "coco" / split, world / "coco/annotations" / f"captions_{split}.json",
+                     world / "coco/annotations" / f"instances_{split}.json")
+    pil = [Image.open(im.path).convert("RGB") for im in coco]
+    if size:
+        pil = [p.resize((size, size), Image.Resampling.BOX) for p in pil]
+    return coco, pil
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _finish(out: Path, spec: ZooSpec, metrics: dict, seconds: float) -> dict:
+    record = {"spec": asdict(spec), "metrics": metrics, "seconds": round(seconds, 1)}
+    (out / PART_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _part_done(out: Path, spec: ZooSpec) -> dict | None:
+    marker = out / PART_FILE
+    if marker.exists():
+        record = json.loads(marker.read_text())
+        if record["spec"] == asdict(spec):
+            return record
+    return None
+
+
+def build_tokenizers(root: Path, world: Path) -> None:
+    """LM and CLIP tokenizers, trained on the world's training text."""
+    from .tokenizers import train_clip_tokenizer, train_lm_tokenizer
+
+    if (root / "tokenizers" / "done").exists():
+        return
+    rows = _jsonl(world / "lm" / "train.jsonl")
+    texts = [r["text"] for r in rows if "text" in r]
+    texts += [f"{m['role']}\n{m['content']}" for r in rows if "messages" in r for m in r["messages"]]
+    train_lm_tokenizer(texts).save_pretrained(root / "tokenizers" / "lm")
+    captions = [c for im in read_coco(world / "coco/train", world / "coco/annotations/captions_train.json")
+                for c in im.captions]
+    train_clip_tokenizer(captions).save_pretrained(root / "tokenizers" / "clip")
+    (root / "tokenizers" / "done").write_text("")
+
+
+def build_clip(root: Path, world: Path, spec: ZooSpec) -> dict:
+    """Train, evaluate and save the tiny CLIP (`CLIPModel` + `CLIPProcessor`)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from .clip import clip_recall, tiny_clip_config, tiny_clip_processor, train_clip
+
+    start, out = time.time(), root / "clip"
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizers" / "clip")
+    processor = tiny_clip_processor(tokenizer)
+    train, train_pil = _images(world, "train")
+    test, test_pil = _images(world, "test")
+    torch.manual_seed(spec.seed)
+    model = CLIPModel(tiny_clip_config(tokenizer))
+    pixels = processor(images=train_pil, return_tensors="pt")["pixel_values"]
+    losses = train_clip(model, tokenizer, pixels, [im.captions for im in train], spec.clip_steps, seed=spec.seed)
+    metrics = clip_recall(model, tokenizer, processor(images=test_pil, return_tensors="pt")["pixel_values"],
+                          [im.captions[0] for im in test])
+    metrics["final_loss"] = float(np.mean(losses[-20:]))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return _finish(out, spec, metrics, time.time() - start)
+
+
+def build_lm(root: Path, world: Path, spec: ZooSpec) -> dict:
+    """Train, evaluate and save the tiny LLaMA-architecture LM with its tokenizer."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from .lm import encode_corpus, text_qa_accuracy, tiny_lm_config, train_lm
+
+    start, out = time.time(), root / "lm"
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizers" / "lm")
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(tiny_lm_config(tokenizer))
+    train_rows = _jsonl(world / "lm" / "train.jsonl")
+    test_rows = _jsonl(world / "lm" / "test.jsonl")
+    losses = train_lm(model, encode_corpus(tokenizer, train_rows), tokenizer.pad_token_id, spec.lm_steps,
+                      seed=spec.seed)
+    metrics = text_qa_accuracy(model, tokenizer, [r for r in test_rows if "messages" in r][: spec.eval_questions])
+    metrics.update(_perplexity(model, encode_corpus(tokenizer, test_rows[:500])), vocab_size=len(tokenizer))
+    metrics["final_loss"] = float(np.mean(losses[-20:]))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return _finish(out, spec, metrics, time.time() - start)
+
+
+@torch.no_grad()
+def _perplexity(model, sequences: list[list[int]]) -> dict:
+    total, count = 0.0, 0
+    for seq in sequences:
+        ids = torch.tensor([seq])
+        loss = model(input_ids=ids, labels=ids).loss.item()
+        total, count = total + loss * (len(seq) - 1), count + len(seq) - 1
+    return {"test_perplexity": float(np.exp(total / count))}
+
+
+def _pixels(pil: list[Image.Image]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(p) for p in pil])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def build_vae(root: Path, world: Path, spec: ZooSpec) -> dict:
+    """Train and save the tiny `AutoencoderKL` (its own part so it can run beside CLIP)."""
+    from .diffusion import tiny_vae, train_vae
+
+    start, out = time.time(), root / "vae"
+    _, train_pil = _images(world, "train", spec.sd_image_size)
+    _, test_pil = _images(world, "test", spec.sd_image_size)
+    torch.manual_seed(spec.seed)
+    vae = tiny_vae(spec.sd_image_size)
+    train_vae(vae, _pixels(train_pil), spec.vae_steps, seed=spec.seed)
+    with torch.no_grad():
+        x = _pixels(test_pil)
+        mse = torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
+    vae.save_pretrained(out)
+    return _finish(out, spec, {"test_reconstruction_mse": mse, "pixel_variance": x.var().item()},
+                   time.time() - start)
+
+
+def build_sd(root: Path, world: Path, spec: ZooSpec) -> dict:
+    """Train the UNet on the frozen VAE and CLIP text encoder, then save and score the
+    whole `StableDiffusionPipeline` folder."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from .diffusion import make_pipeline, tiny_unet, train_unet
+
+    start, out = time.time(), root / "sd"
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizers" / "clip")
+    text_encoder = CLIPModel.from_pretrained(root / "clip").text_model.eval()
+    vae = AutoencoderKL.from_pretrained(root / "vae").eval()
+    train, train_pil = _images(world, "train", spec.sd_image_size)
+    with torch.no_grad():
+        x = _pixels(train_pil)
+        latents = torch.cat([vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
+        latents = latents * vae.config.scaling_factor
+        texts = [c for im in train for c in im.captions] + [""]
+        embeds = torch.cat([_encode_prompt(text_encoder, tokenizer, texts[i:i + 512])
+                            for i in range(0, len(texts), 512)])
+    index, k = [], 0
+    for im in train:
+        index.append(list(range(k, k + len(im.captions))))
+        k += len(im.captions)
+    torch.manual_seed(spec.seed)
+    unet, losses = train_unet(tiny_unet(text_encoder.config.hidden_size), latents, embeds[:-1], index,
+                              embeds[-1], spec.unet_steps, seed=spec.seed)
+    pipe = make_pipeline(vae, unet, text_encoder, tokenizer)
+    pipe.save_pretrained(out)
+    metrics = sd_attribute_accuracy(pipe, world, spec)
+    metrics["final_loss"] = float(np.mean(losses[-50:]))
+    return _finish(out, spec, metrics, time.time() - start)
+
+
+def _encode_prompt(text_encoder, tokenizer, texts: list[str]) -> torch.Tensor:
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids).last_hidden_state
+
+
+@torch.no_grad()
+def sd_attribute_accuracy(pipe, world: Path, spec: ZooSpec, guidance_scales=(1.0, 3.0)) -> dict:
+    """Generate one image per held-out single-object caption and read its colour, shape
+    and cell from the pixels. The same pixel reader on the true images gives the ceiling."""
+    from .diffusion import pixel_attributes
+
+    test, test_pil = _images(world, "test", spec.sd_image_size)
+    cases = [(im, pil) for im, pil in zip(test, test_pil, strict=True) if len(im.objects) == 1]
+    prompts = [im.captions[0] for im, _ in cases]
+    truth = []
+    for im, _ in cases:
+        obj = im.objects[0]
+        words = im.captions[0].rstrip(".").split(" at the ")[1]
+        truth.append({"colour": obj["colour"], "shape": obj["category"], "where": words})
+
+    def score(images) -> dict:
+        read = [pixel_attributes(img) or {} for img in images]
+        return {k: float(np.mean([r.get(k) == t[k] for r, t in zip(read, truth, strict=True)]))
+                for k in ("colour", "shape", "where")}
+
+    metrics = {"prompts": len(prompts), "chance": {"colour": 1 / 6, "shape": 1 / 3, "where": 1 / 9},
+               "true_images": score([pil for _, pil in cases])}
+    for g in guidance_scales:
+        images = pipe(prompt=prompts, height=spec.sd_image_size, width=spec.sd_image_size, num_inference_steps=25,
+                      guidance_scale=g, generator=torch.Generator().manual_seed(spec.seed)).images
+        metrics[f"guidance_{g:g}"] = score(images)
+    return metrics
+
+
+_PARTS = {"clip": build_clip, "lm": build_lm, "vae": build_vae, "sd": build_sd}
+
+
+def _run_part(name: str, root: str, world: str, spec: ZooSpec, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    out = Path(root) / name
+    shutil.rmtree(out, ignore_errors=True)
+    record = _PARTS[name](Path(root), Path(world), spec)
+    print(f"[zoo] {name} done in {record['seconds']} s: {json.dumps(record['metrics'])}", flush=True)
+    return record
+
+
+def build_zoo(root: str | os.PathLike, world: str | os.PathLike, spec: ZooSpec = ZooSpec(),
+              workers: int = 2) -> dict[str, dict]:
+    """Build whatever part of the zoo is missing or was built with another spec; return
+    each part's record (spec, metrics, seconds)."""
+    root, world = Path(root), Path(world)
+    root.mkdir(parents=True, exist_ok=True)
+    build_tokenizers(root, world)
+    records = {name: _part_done(root / name, spec) for name in _PARTS}
+    todo = [name for name, rec in records.items() if rec is None]
+    if not todo:
+        return records
+    threads = 1 if workers > 1 else max(1, torch.get_num_threads())
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        def submit(name):
+            return pool.submit(_run_part, name, str(root), str(world), spec, threads) if name in todo else None
+
+        # sd needs clip and vae; lm can take the worker that vae frees
+        futures = {"clip": submit("clip"), "vae": submit("vae")}
+        if futures["vae"]:
+            records["vae"] = futures["vae"].result()
+        futures["lm"] = submit("lm")
+        if futures["clip"]:
+            records["clip"] = futures["clip"].result()
+        futures["sd"] = submit("sd")
+        for name in ("lm", "sd"):
+            if futures[name]:
+                records[name] = futures[name].result()
+    return records

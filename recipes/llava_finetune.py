@@ -1,0 +1,122 @@
+"""LLaVA stage 2, visual instruction tuning: LoRA (or 4-bit NF4 QLoRA, or full fine-tuning)
+on the LLM plus the fully trained connector, on multi-turn instruction conversations.
+
+    deepspeed recipes/llava_finetune.py                                  # tiny preset, tiny world, CPU
+    deepspeed recipes/llava_finetune.py model.qlora=true                 # QLoRA
+    deepspeed recipes/llava_finetune.py --config recipes/configs/llava_finetune_7b.yaml
+    deepspeed --num_gpus 2 recipes/llava_finetune.py training.ds_config=ds_configs/zero3.json
+    python recipes/llava_finetune.py --resume latest                     # continue a killed run
+
+Trains: LoRA on every linear layer of the LLM (not its head), the connector (its own
+learning rate). Frozen: vision tower, LLM weights. Starts from the stage-1 connector in
+`model.init_connector`; without one it says so and starts the connector from scratch.
+Writes to `training.output_dir`: the LM adapter (`adapter_model.safetensors`, loadable with
+plain PEFT), `llava_adapter/`, `connector.safetensors`, the processor, `mmpeft_config.json`,
+`checkpoint-{step}/` (the same files plus the resumable engine state), `metrics.json`.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mmpeft.config import fill, load_config
+from mmpeft.data.dataset import ConversationDataset, collate_conversations
+from mmpeft.data.llava import ConversationEncoder, read_llava_json, read_messages_dataset
+from mmpeft.data.templates import chat_template
+from mmpeft.eval.answers import answer_accuracy, read_questions
+from mmpeft.models.llava import add_image_token, build_llava, llava_parts, llava_processor, load_base_models
+from mmpeft.models.llava_io import save_llava
+from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
+from mmpeft.presets import resolve_preset
+from mmpeft.tiny import folders_for
+from mmpeft.train.loop import TrainConfig, setup_distributed, train
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava_finetune_tiny.yaml"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    rank, _ = setup_distributed()
+    log = print if rank == 0 else (lambda *_: None)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    world, zoo = folders_for(cfg, os.environ)
+    cfg = fill(cfg, world=world, zoo=zoo)
+    m, d, t = cfg["model"], cfg["data"], cfg["training"]
+
+    ##### model
+    preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
+    dtype = torch.bfloat16 if t.get("bf16") else torch.float32
+    lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype)
+    image_token_id = add_image_token(tokenizer, lm, m["image_token"])
+    torch.manual_seed(t["seed"])
+    model = build_llava(vision, lm, image_token_id, m["connector"], m["vision_feature_layer"])
+    if m["init_connector"]:
+        model.model.multi_modal_projector.load_state_dict(
+            load_file(Path(m["init_connector"]) / "connector.safetensors"))
+        log(f"connector: from stage 1 at {m['init_connector']}")
+    else:
+        log("connector: no stage-1 connector given (model.init_connector), so it starts from random weights")
+    model = apply_trainability(model, llava_parts(model), m["trainable"], LoraSettings(**m["lora"]))
+    trainable, total = trainable_parameter_count(model)
+    log(f"model: {total:,} parameters, {trainable:,} trainable ({m['trainable']}, qlora {m['qlora']})")
+
+    ##### data
+    encoder = ConversationEncoder(tokenizer, image_processor, chat_template(tokenizer, d["conversation_format"]),
+                                  m["image_token"], model.config.image_seq_length, d["max_length"],
+                                  d["pad_to_square"])
+    source = d["train"]
+    if source["format"] == "llava_json":
+        samples = read_llava_json(source["path"], source["image_folder"])
+    else:
+        import datasets
+
+        samples = read_messages_dataset(datasets.load_from_disk(source["path"]))
+    dataset = ConversationDataset(samples, encoder, d["skip_bad_records"])
+    log(f"data: {len(dataset)} conversations from {source['path']}" + (f"; {dataset.skip_report()}"
+                                                                       if dataset.skipped else ""))
+
+    ##### evaluation before training
+    questions = read_questions(cfg["eval"]["questions"], cfg["eval"]["image_folder"], cfg["eval"]["limit"])
+    before = answer_accuracy(model, encoder, questions) if rank == 0 else None
+
+    ##### training
+    processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
+    settings = {"recipe": "llava_finetune", "sources": {"lm": preset.lm, "clip": preset.clip}, **{
+        k: m[k] for k in ("connector", "image_token", "vision_feature_layer", "trainable", "qlora")}, "config": cfg}
+
+    def export(folder, is_main):
+        if is_main:
+            save_llava(model, folder, processor, settings)
+
+    history = train(model, dataset, collate_conversations(tokenizer.pad_token_id), TrainConfig(**t),
+                    forward=lambda engine, batch: {"loss": engine(**batch).loss}, export=export,
+                    lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log)
+
+    ##### evaluation after training
+    if rank == 0:
+        model.eval()
+        after = answer_accuracy(model, encoder, questions)
+        metrics = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
+                   "answer_accuracy_before": before["accuracy"], "answer_accuracy_after": after["accuracy"],
+                   "chance": after["chance"], "by_type_after": after["by_type"], "skipped": dict(dataset.skipped)}
+        Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        log(f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}; answer accuracy on "
+            f"{after['questions']} held-out questions: {before['accuracy']:.3f} before, {after['accuracy']:.3f} "
+            f"after (chance {after['chance']:.3f}); by type {json.dumps(after['by_type'])}")
+        if dataset.skipped:
+            log(dataset.skip_report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from mmpeft.world import WorldSpec, build_world  # noqa: E402
+from mmpeft.zoo import ZooSpec, build_zoo  # noqa: E402
+
+SMALL_WORLD = WorldSpec(seed=3, images=(40, 6, 30), stories=(4, 2, 2), shard_size=16)
+SMALL_ZOO = ZooSpec(seed=3, clip_steps=2, lm_steps=2, vae_steps=2, unet_steps=2, eval_questions=4)
+
+
+@pytest.fixture(scope="session")
+def small_world_spec():
+    return SMALL_WORLD
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small world built once per test session."""
+    return build_world(tmp_path_factory.mktemp("world") / "w", SMALL_WORLD)
+
+
+@pytest.fixture(scope="session")
+def small_zoo(small_world, tmp_path_factory):
+    """Zoo models trained for two steps: real files, real loading, no learning."""
+    root = tmp_path_factory.mktemp("zoo") / "z"
+    return root, build_zoo(root, small_world, SMALL_ZOO, workers=2)

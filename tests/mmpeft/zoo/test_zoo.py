@@ -1,0 +1,85 @@
+import json
+import time
+
+import torch
+from PIL import Image
+
+from mmpeft.presets import load_clip, load_diffusion, load_lm, resolve_preset
+from mmpeft.zoo import build_zoo
+
+
+def test_zoo_writes_every_part_with_its_record(small_zoo):
+    root, records = small_zoo
+    assert set(records) == {"clip", "lm", "vae", "sd"}
+    for name, record in records.items():
+        on_disk = json.loads((root / name / "zoo_part.json").read_text())
+        assert on_disk == record and record["spec"]["clip_steps"] == 2
+    files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert {f for f in files if f.startswith("clip/")} == {
+        f"clip/{n}" for n in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+                              "tokenizer_config.json", "zoo_part.json")}
+    assert {f for f in files if f.startswith("lm/")} == {
+        f"lm/{n}" for n in ("chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                            "tokenizer.json", "tokenizer_config.json", "zoo_part.json")}
+    assert {f for f in files if f.startswith("sd/")} == {
+        "sd/model_index.json", "sd/zoo_part.json", "sd/scheduler/scheduler_config.json",
+        "sd/text_encoder/config.json", "sd/text_encoder/model.safetensors", "sd/tokenizer/tokenizer.json",
+        "sd/tokenizer/tokenizer_config.json", "sd/unet/config.json", "sd/unet/diffusion_pytorch_model.safetensors",
+        "sd/vae/config.json", "sd/vae/diffusion_pytorch_model.safetensors"}
+
+
+def test_second_build_reuses_every_part(small_zoo, small_world):
+    from mmpeft.zoo.build import ZooSpec  # same spec as the fixture's
+
+    root, records = small_zoo
+    spec = ZooSpec(**records["clip"]["spec"])
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
+    start = time.time()
+    again = build_zoo(root, small_world, spec)
+    assert time.time() - start < 5
+    assert again == records
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")} == stamps
+
+
+def test_tiny_preset_loads_each_part_by_path(small_zoo):
+    root, _ = small_zoo
+    preset = resolve_preset("tiny", zoo_dir=root)
+    assert preset.lm == str(root / "lm")
+
+    lm, tokenizer = load_lm(preset)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What colour is the circle?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = lm.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 3 or tokenizer.eos_token_id in out[0].tolist()
+
+    clip, processor = load_clip(preset)
+    batch = processor(text=["a red circle"], images=[Image.new("RGB", (64, 64))], return_tensors="pt",
+                      padding=True)
+    out = clip(**batch)
+    assert out.logits_per_image.shape == (1, 1)
+    assert batch["pixel_values"].shape == (1, 3, 64, 64)
+
+    pipe = load_diffusion(preset)
+    image = pipe("a red circle", height=32, width=32, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim
+
+
+def test_sd_text_encoder_is_the_clip_text_tower(small_zoo):
+    root, _ = small_zoo
+    preset = resolve_preset("tiny", zoo_dir=root)
+    clip, _ = load_clip(preset)
+    pipe = load_diffusion(preset)
+    for name, value in pipe.text_encoder.state_dict().items():
+        assert torch.equal(value, clip.text_model.state_dict()[name]), name
+
+
+def test_lm_chat_template_marks_assistant_tokens(small_zoo):
+    root, _ = small_zoo
+    _, tokenizer = load_lm(resolve_preset("tiny", zoo_dir=root))
+    messages = [{"role": "user", "content": "How many objects are in the image?"},
+                {"role": "assistant", "content": "Two."}]
+    enc = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    marked = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]
+    assert tokenizer.decode(marked) == "Two.<|im_end|>"

@@ -1,0 +1,117 @@
+"""The LLaVA recipes run as users run them, for a few steps on the small world and zoo."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from mmpeft.models.llava_io import load_llava
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPORT_FILES = {"chat_template.jinja", "connector.safetensors", "mmpeft_config.json", "processor_config.json",
+                "tokenizer.json", "tokenizer_config.json"}
+LORA_FILES = {"adapter_config.json", "adapter_model.safetensors", "llava_adapter"}
+CHECKPOINT_FILES = {"ds", "rng_rank0.pt", "trainer_state.json"}
+
+
+def _run(script, out, world, zoo, *overrides, launcher="python", resume=None):
+    cmd = [sys.executable, str(ROOT / "recipes" / script)] if launcher == "python" else \
+        [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", str(ROOT / "recipes" / script)]
+    cmd += (["--resume", str(resume)] if resume else []) + [
+        f"tiny.world_dir={world}", f"tiny.zoo_dir={zoo}", f"training.output_dir={out}", "training.max_steps=4",
+        "training.save_steps=2", "training.micro_batch_size=4", "training.log_steps=1", "eval.limit=6", "threads=1",
+        *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _history(folder):
+    return json.loads((Path(folder) / "trainer_state.json").read_text())["history"]
+
+
+@pytest.fixture(scope="module")
+def stage1(small_world, small_zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llava") / "stage1"
+    stdout = _run("llava_pretrain.py", out, small_world, small_zoo[0], launcher="deepspeed")
+    return out, stdout
+
+
+@pytest.fixture(scope="module")
+def stage2(stage1, small_world, small_zoo):
+    out = stage1[0].parent / "stage2"
+    stdout = _run("llava_finetune.py", out, small_world, small_zoo[0], f"model.init_connector={stage1[0]}")
+    return out, stdout
+
+
+def test_stage1_trains_the_connector_and_writes_exactly_its_files(stage1):
+    out, stdout = stage1
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES | {"checkpoint-2", "checkpoint-4", "metrics.json"}
+    assert {p.name for p in (out / "checkpoint-2").iterdir()} == EXPORT_FILES | CHECKPOINT_FILES
+    losses = [h["loss"] for h in _history(out / "checkpoint-4")]
+    assert len(losses) == 4 and 5.0 < losses[0] < 7.0 and losses[-1] < losses[0]
+    assert "trainable ({'vision': 'frozen', 'connector': 'full', 'llm': 'frozen'})" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["first_loss"] == losses[0] and metrics["last_loss"] == losses[-1]
+
+
+def test_stage2_writes_adapter_connector_and_processor_in_every_checkpoint(stage2, stage1):
+    out, stdout = stage2
+    assert f"connector: from stage 1 at {stage1[0]}" in stdout
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES | LORA_FILES | {"checkpoint-2", "checkpoint-4",
+                                                                             "metrics.json"}
+    for step in (2, 4):
+        assert {p.name for p in (out / f"checkpoint-{step}").iterdir()} == EXPORT_FILES | LORA_FILES | CHECKPOINT_FILES
+    losses = [h["loss"] for h in _history(out / "checkpoint-4")]
+    assert losses[-1] < losses[0]
+
+
+def test_any_checkpoint_reloads_in_one_call_with_the_same_outputs(stage2):
+    out, _ = stage2
+    final, processor, settings = load_llava(out)
+    last, _, _ = load_llava(out / "checkpoint-4")
+    middle, _, _ = load_llava(out / "checkpoint-2")
+    ids = processor.tokenizer("How many objects are in the image?", return_tensors="pt").input_ids
+    pixels = torch.randn(1, 3, 64, 64)
+    image_ids = torch.cat([torch.full((1, 16), final.config.image_token_id), ids], dim=1)
+    with torch.no_grad():
+        a = final(input_ids=image_ids, pixel_values=pixels).logits
+        b = last(input_ids=image_ids, pixel_values=pixels).logits
+        c = middle(input_ids=image_ids, pixel_values=pixels).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+    assert settings["trainable"] == {"vision": "frozen", "connector": "full", "llm": "lora"}
+
+
+def test_lm_adapter_loads_with_plain_peft_onto_the_base_lm(stage2):
+    out, _ = stage2
+    llava, processor, settings = load_llava(out)
+    base = AutoModelForCausalLM.from_pretrained(settings["sources"]["lm"])
+    base.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    ids = processor.tokenizer("What colour is the circle?", return_tensors="pt").input_ids
+    with torch.no_grad():  # the image token's new rows, as the recipe set them
+        for matrix in (base.get_input_embeddings(), base.get_output_embeddings()):
+            matrix.weight[-1] = matrix.weight[:-1].mean(0)
+        before = base(input_ids=ids).logits
+        after = PeftModel.from_pretrained(base, out).eval()(input_ids=ids).logits
+        torch.testing.assert_close(after, llava(input_ids=ids).logits)
+    assert not torch.allclose(before, after)
+
+
+def test_resumed_run_ends_where_the_uninterrupted_one_does(stage2, stage1, small_world, small_zoo):
+    out, _ = stage2
+    resumed = out.parent / "stage2_resumed"
+    stdout = _run("llava_finetune.py", resumed, small_world, small_zoo[0], f"model.init_connector={stage1[0]}",
+                  resume=out / "checkpoint-2")
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in stdout
+    full, again = _history(out / "checkpoint-4"), _history(resumed / "checkpoint-4")
+    assert [h["step"] for h in again] == [1, 2, 3, 4]
+    for a, b in zip(full, again, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
