@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .tiny import cache_root, world_and_zoo
 from .world import WorldSpec, build_world
