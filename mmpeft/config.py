@@ -7,16 +7,33 @@ setting that silently does nothing. Values are parsed as YAML (`true`, `1e-3`, `
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; here it is a float, as in YAML 1.2 and Python."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*\.[\d_]*|\.\d[\d_]*)$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _parse(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
     """The config at `path` with `overrides` applied; every bad override is reported at once."""
     path = Path(path)
     try:
-        config = yaml.safe_load(path.read_text())
+        config = _parse(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"{path}: cannot read config: {err}") from err
     problems = []
@@ -33,7 +50,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
         if not isinstance(node, dict) or parts[-1] not in node:
             problems.append(f"'{key}' is not a key of {path}")
             continue
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse(raw)
     if problems:
         raise ValueError("config overrides: " + "; ".join(problems))
     return config

@@ -25,10 +25,18 @@ from safetensors.torch import load_file
 
 from mmpeft.config import fill, load_config
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
+from mmpeft.data.feature_cache import prepare_feature_cache
 from mmpeft.data.llava import ConversationEncoder, read_llava_json, read_messages_dataset
 from mmpeft.data.templates import chat_template
 from mmpeft.eval.answers import answer_accuracy, read_questions
-from mmpeft.models.llava import add_image_token, build_llava, llava_parts, llava_processor, load_base_models
+from mmpeft.models.llava import (
+    add_image_token,
+    build_llava,
+    llava_forward,
+    llava_parts,
+    llava_processor,
+    load_base_models,
+)
 from mmpeft.models.llava_io import save_llava
 from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
 from mmpeft.presets import resolve_preset
@@ -82,13 +90,20 @@ def main(argv=None):
         import datasets
 
         samples = read_messages_dataset(datasets.load_from_disk(source["path"]))
-    dataset = ConversationDataset(samples, encoder, d["skip_bad_records"])
+    features = None
+    if d["feature_cache"]:  # only while the tower is frozen: its output is then the same every epoch
+        if m["trainable"]["vision"] != "frozen":
+            raise ValueError("data.feature_cache needs model.trainable.vision: frozen")
+        features = prepare_feature_cache(d["feature_cache"], samples, encoder, vision, m["vision_feature_layer"],
+                                         log=log)
+    dataset = ConversationDataset(samples, encoder, d["skip_bad_records"], features=features)
     log(f"data: {len(dataset)} conversations from {source['path']}" + (f"; {dataset.skip_report()}"
                                                                        if dataset.skipped else ""))
 
     ##### evaluation before training
-    questions = read_questions(cfg["eval"]["questions"], cfg["eval"]["image_folder"], cfg["eval"]["limit"])
-    before = answer_accuracy(model, encoder, questions) if rank == 0 else None
+    e = cfg["eval"]  # questions with checkable answers (the tiny world's); null skips evaluation
+    questions = read_questions(e["questions"], e["image_folder"], e["limit"]) if e["questions"] else []
+    before = answer_accuracy(model, encoder, questions) if rank == 0 and questions else None
 
     ##### training
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
@@ -100,20 +115,23 @@ def main(argv=None):
             save_llava(model, folder, processor, settings)
 
     history = train(model, dataset, collate_conversations(tokenizer.pad_token_id), TrainConfig(**t),
-                    forward=lambda engine, batch: {"loss": engine(**batch).loss}, export=export,
+                    forward=lambda engine, batch: {"loss": llava_forward(engine, batch).loss}, export=export,
                     lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log)
 
     ##### evaluation after training
     if rank == 0:
-        model.eval()
-        after = answer_accuracy(model, encoder, questions)
-        metrics = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-                   "answer_accuracy_before": before["accuracy"], "answer_accuracy_after": after["accuracy"],
-                   "chance": after["chance"], "by_type_after": after["by_type"], "skipped": dict(dataset.skipped)}
+        metrics = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "skipped": dict(dataset.skipped)}
+        summary = f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}"
+        if questions:
+            model.eval()
+            after = answer_accuracy(model, encoder, questions)
+            metrics.update(answer_accuracy_before=before["accuracy"], answer_accuracy_after=after["accuracy"],
+                           chance=after["chance"], by_type_after=after["by_type"])
+            summary += (f"; answer accuracy on {after['questions']} held-out questions: {before['accuracy']:.3f} "
+                        f"before, {after['accuracy']:.3f} after (chance {after['chance']:.3f}); by type "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in after["by_type"].items()))
         Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        log(f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}; answer accuracy on "
-            f"{after['questions']} held-out questions: {before['accuracy']:.3f} before, {after['accuracy']:.3f} "
-            f"after (chance {after['chance']:.3f}); by type {json.dumps(after['by_type'])}")
+        log(summary)
         if dataset.skipped:
             log(dataset.skip_report())
 

@@ -9,17 +9,19 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .feature_cache import VisionFeatureCache, image_digest
 from .llava import BadRecord, ConversationEncoder, Sample
 
 
 class ConversationDataset(Dataset):
     """Encodes every sample's text and checks every image up front, so a bad record stops
     the run before any compute is spent (or, with `skip_bad_records`, is left out and
-    counted by reason in `skipped`). Images are decoded when a batch needs them."""
+    counted by reason in `skipped`). Images are decoded when a batch needs them, or, given
+    a built `VisionFeatureCache`, their features are read from it (`image_features`)."""
 
     def __init__(self, samples: list[Sample], encoder: ConversationEncoder, skip_bad_records: bool = False,
-                 check_images: bool = True):
-        self.encoder = encoder
+                 check_images: bool = True, features: VisionFeatureCache | None = None):
+        self.encoder, self.features = encoder, features
         self.items: list[tuple[Sample, dict]] = []
         self.skipped: Counter = Counter()
         self.skipped_ids: list[str] = []
@@ -38,12 +40,16 @@ class ConversationDataset(Dataset):
             self.items.append((sample, encoded))
         if not self.items:
             raise ValueError(f"no usable records (skipped: {dict(self.skipped)})")
+        self.digests = [[image_digest(im) for im in s.images] for s, _ in self.items] if features else None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         sample, encoded = self.items[i]
+        if self.features is not None:
+            feats = [self.features.get(d) for d in self.digests[i]]
+            return {**encoded, "image_features": torch.stack(feats) if feats else None, "id": sample.id}
         return {**encoded, "pixel_values": self.encoder.images(sample), "id": sample.id}
 
     @property
@@ -74,8 +80,8 @@ def _check_image(image, record_id: str) -> None:
 
 
 def collate_conversations(pad_id: int):
-    """A collate function: right padding, labels padded with -100, the batch's images
-    stacked in sample order (text-only samples add none)."""
+    """A collate function: right padding, labels padded with -100, the batch's images (or
+    cached image features) stacked in sample order (text-only samples add none)."""
 
     def collate(rows: list[dict]) -> dict:
         width = max(len(r["input_ids"]) for r in rows)
@@ -86,9 +92,10 @@ def collate_conversations(pad_id: int):
             n = len(r["input_ids"])
             ids[k, :n], labels[k, :n], mask[k, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        images = [r["pixel_values"] for r in rows if r["pixel_values"] is not None]
-        if images:
-            batch["pixel_values"] = torch.cat(images)
+        for key in ("pixel_values", "image_features"):
+            images = [r[key] for r in rows if r.get(key) is not None]
+            if images:
+                batch[key] = torch.cat(images)
         return batch
 
     return collate

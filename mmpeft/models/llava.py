@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 IMAGE_TOKEN = "<image>"
@@ -104,6 +105,24 @@ def load_base_models(preset, qlora: bool = False, dtype: torch.dtype = torch.flo
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     clip, processor = load_clip(preset, dtype=dtype)
     return lm, tokenizer, clip.vision_model, processor.image_processor
+
+
+def unwrap(model) -> nn.Module:
+    """The `LlavaForConditionalGeneration` inside a DeepSpeed engine and/or a `PeftModel`."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def llava_forward(model, batch: dict):
+    """The model's output for a collated batch. A batch may carry `image_features`
+    (cached vision tower output, see `VisionFeatureCache`) in place of `pixel_values`:
+    they go through the connector here and into the model as its encoder outputs."""
+    if batch.get("image_features") is None:
+        return model(**batch)
+    rest = {k: v for k, v in batch.items() if k != "image_features"}
+    connector = unwrap(model).model.multi_modal_projector
+    projected = connector(batch["image_features"].to(next(connector.parameters()).dtype))
+    return model(**rest, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(projected))})
 
 
 def llava_parts(model) -> dict[str, nn.Module]:
