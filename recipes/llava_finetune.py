@@ -86,10 +86,14 @@ def main(argv=None):
     source = d["train"]
     if source["format"] == "llava_json":
         samples = read_llava_json(source["path"], source["image_folder"])
-    else:
+    elif source["format"] == "messages_dataset":  # `messages` + `images` columns, as TRL's vision SFT reads
         import datasets
 
-        samples = read_messages_dataset(datasets.load_from_disk(source["path"]))
+        hf = (datasets.load_from_disk(source["path"]) if Path(source["path"]).is_dir()
+              else datasets.load_dataset(source["path"], split=source.get("split", "train")))
+        samples = read_messages_dataset(hf, id_column="id" if "id" in hf.column_names else None)
+    else:
+        raise ValueError(f"data.train.format must be llava_json or messages_dataset, not {source['format']!r}")
     features = None
     if d["feature_cache"]:  # only while the tower is frozen: its output is then the same every epoch
         if m["trainable"]["vision"] != "frozen":

@@ -80,7 +80,9 @@ def read_messages_dataset(dataset, id_column: str | None = None) -> list[Sample]
             if isinstance(content, list):
                 content = "".join(IMAGE_MARKER if part.get("type") == "image" else part.get("text", "")
                                   for part in content)
-            messages.append({"role": ROLES.get(m["role"], m["role"]), "content": content})
+            if m["role"] not in ROLES:
+                raise ValueError(f"dataset row {row[id_column] if id_column else k}: unknown role {m['role']!r}")
+            messages.append({"role": ROLES[m["role"]], "content": content})
         images = [im if isinstance(im, str | Path | bytes) else _to_bytes(im) for im in row.get("images") or []]
         samples.append(Sample(str(row[id_column]) if id_column else f"#{k}", messages, images))
     return samples

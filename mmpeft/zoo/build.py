@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +26,7 @@ from PIL import Image
 
 from ..data.coco import read_coco
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 PART_FILE = "zoo_part.json"
 
 
@@ -35,9 +36,11 @@ class ZooSpec:
 
     seed: int = 0
     clip_steps: int = 500
-    lm_steps: int = 1200
+    lm_steps: int = 2400
+    lm_extra_chats: int = 20000  # chats about fresh scenes; answering from context needs many examples
     vae_steps: int = 400
     unet_steps: int = 1200
+    sd_single_objects: int = 4000  # extra one-object scenes beside the world's images
     sd_image_size: int = 32
     eval_questions: int = 300
     version: int = ZOO_VERSION
@@ -114,13 +117,14 @@ def build_lm(root: Path, world: Path, spec: ZooSpec) -> dict:
     """Train, evaluate and save the tiny LLaMA-architecture LM with its tokenizer."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from ..world.build import scene_chats
     from .lm import encode_corpus, text_qa_accuracy, tiny_lm_config, train_lm
 
     start, out = time.time(), root / "lm"
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizers" / "lm")
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(tiny_lm_config(tokenizer))
-    train_rows = _jsonl(world / "lm" / "train.jsonl")
+    train_rows = _jsonl(world / "lm" / "train.jsonl") + scene_chats(spec.lm_extra_chats, random.Random(spec.seed))
     test_rows = _jsonl(world / "lm" / "test.jsonl")
     losses = train_lm(model, encode_corpus(tokenizer, train_rows), tokenizer.pad_token_id, spec.lm_steps,
                       seed=spec.seed)
@@ -170,6 +174,7 @@ def build_sd(root: Path, world: Path, spec: ZooSpec) -> dict:
     from diffusers import AutoencoderKL
     from transformers import CLIPModel, CLIPTokenizer
 
+    from ..world.scene import captions, render, sample_scene
     from .diffusion import make_pipeline, tiny_unet, train_unet
 
     start, out = time.time(), root / "sd"
@@ -177,17 +182,23 @@ def build_sd(root: Path, world: Path, spec: ZooSpec) -> dict:
     text_encoder = CLIPModel.from_pretrained(root / "clip").text_model.eval()
     vae = AutoencoderKL.from_pretrained(root / "vae").eval()
     train, train_pil = _images(world, "train", spec.sd_image_size)
+    caption_sets = [im.captions for im in train]
+    rng = random.Random(spec.seed)
+    for _ in range(spec.sd_single_objects):  # one-object scenes: where a caption's words map onto pixels plainly
+        scene = sample_scene(rng, 1)
+        train_pil.append(render(scene, 64).resize((spec.sd_image_size,) * 2, Image.Resampling.BOX))
+        caption_sets.append(captions(scene, rng))
     with torch.no_grad():
         x = _pixels(train_pil)
         latents = torch.cat([vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
         latents = latents * vae.config.scaling_factor
-        texts = [c for im in train for c in im.captions] + [""]
+        texts = [c for caps in caption_sets for c in caps] + [""]
         embeds = torch.cat([_encode_prompt(text_encoder, tokenizer, texts[i:i + 512])
                             for i in range(0, len(texts), 512)])
     index, k = [], 0
-    for im in train:
-        index.append(list(range(k, k + len(im.captions))))
-        k += len(im.captions)
+    for caps in caption_sets:
+        index.append(list(range(k, k + len(caps))))
+        k += len(caps)
     torch.manual_seed(spec.seed)
     unet, losses = train_unet(tiny_unet(text_encoder.config.hidden_size), latents, embeds[:-1], index,
                               embeds[-1], spec.unet_steps, seed=spec.seed)

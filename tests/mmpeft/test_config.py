@@ -21,7 +21,8 @@ def test_overrides_parse_values_as_a_user_writes_them(tmp_path):
     path.write_text("training: {lr: 1e-3, steps: 10, name: a, flag: false}\nmodel: {lora: {r: 8}}\n")
     config = load_config(path, ["training.lr=3e-4", "training.steps=20", "training.flag=true", "model.lora.r=16",
                                 "training.name=1.2.3"])
-    assert config == {"training": {"lr": 3e-4, "steps": 20, "name": "1.2.3", "flag": True}, "model": {"lora": {"r": 16}}}
+    assert config == {"training": {"lr": 3e-4, "steps": 20, "name": "1.2.3", "flag": True},
+                      "model": {"lora": {"r": 16}}}
 
 
 def test_every_bad_override_is_reported_at_once(tmp_path):

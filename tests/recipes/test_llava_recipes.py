@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,14 +22,18 @@ LORA_FILES = {"adapter_config.json", "adapter_model.safetensors", "llava_adapter
 CHECKPOINT_FILES = {"ds", "rng_rank0.pt", "trainer_state.json"}
 
 
-def _run(script, out, world, zoo, *overrides, launcher="python", resume=None):
+def _command(script, out, world, zoo, *overrides, launcher="python", resume=None):
     cmd = [sys.executable, str(ROOT / "recipes" / script)] if launcher == "python" else \
         [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", str(ROOT / "recipes" / script)]
     cmd += (["--resume", str(resume)] if resume else []) + [
         f"tiny.world_dir={world}", f"tiny.zoo_dir={zoo}", f"training.output_dir={out}", "training.max_steps=4",
         "training.save_steps=2", "training.micro_batch_size=4", "training.log_steps=1", "eval.limit=6", "threads=1",
-        *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        f"data.feature_cache={Path(out).parent / 'features'}", *overrides]
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(script, out, world, zoo, *overrides, launcher="python", resume=None):
+    cmd, env = _command(script, out, world, zoo, *overrides, launcher=launcher, resume=resume)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -47,7 +53,8 @@ def stage1(small_world, small_zoo, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage2(stage1, small_world, small_zoo):
     out = stage1[0].parent / "stage2"
-    stdout = _run("llava_finetune.py", out, small_world, small_zoo[0], f"model.init_connector={stage1[0]}")
+    stdout = _run("llava_finetune.py", out, small_world, small_zoo[0], f"model.init_connector={stage1[0]}",
+                  "data.feature_cache=null")  # stage 1 reads cached features, stage 2 runs the tower
     return out, stdout
 
 
@@ -105,13 +112,43 @@ def test_lm_adapter_loads_with_plain_peft_onto_the_base_lm(stage2):
     assert not torch.allclose(before, after)
 
 
-def test_resumed_run_ends_where_the_uninterrupted_one_does(stage2, stage1, small_world, small_zoo):
+def test_killed_run_resumes_and_ends_where_the_uninterrupted_one_does(stage2, stage1, small_world, small_zoo):
     out, _ = stage2
-    resumed = out.parent / "stage2_resumed"
-    stdout = _run("llava_finetune.py", resumed, small_world, small_zoo[0], f"model.init_connector={stage1[0]}",
-                  resume=out / "checkpoint-2")
-    assert f"resumed from {out / 'checkpoint-2'} at step 2" in stdout
-    full, again = _history(out / "checkpoint-4"), _history(resumed / "checkpoint-4")
+    killed = out.parent / "stage2_killed"
+    cmd, env = _command("llava_finetune.py", killed, small_world, small_zoo[0], f"model.init_connector={stage1[0]}",
+                        "data.feature_cache=null")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-2" / "trainer_state.json").exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "metrics.json").exists()
+    assert not (killed / "checkpoint-4" / "trainer_state.json").exists()  # killed mid-run
+    stdout = _run("llava_finetune.py", killed, small_world, small_zoo[0], f"model.init_connector={stage1[0]}",
+                  "data.feature_cache=null", resume="latest")
+    assert f"resumed from {killed / 'checkpoint-2'} at step 2" in stdout
+    full, again = _history(out / "checkpoint-4"), _history(killed / "checkpoint-4")
     assert [h["step"] for h in again] == [1, 2, 3, 4]
     for a, b in zip(full, again, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_stage2_reads_a_hugging_face_messages_dataset(stage1, small_world, small_zoo):
+    import datasets
+
+    records = json.loads((small_world / "llava/train.json").read_text())[:12]
+    rows = {"id": [], "messages": [], "images": []}
+    for rec in records:
+        rows["id"].append(rec["id"])
+        rows["messages"].append([{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                                 for t in rec["conversations"]])
+        rows["images"].append([str(small_world / "coco" / rec["image"])] if "image" in rec else [])
+    folder = stage1[0].parent / "hf_messages"
+    datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image())).save_to_disk(folder)
+    out = stage1[0].parent / "stage2_hf"
+    stdout = _run("llava_finetune.py", out, small_world, small_zoo[0], f"model.init_connector={stage1[0]}",
+                  "data.train.format=messages_dataset", f"data.train.path={folder}", "training.max_steps=2")
+    assert f"data: 12 conversations from {folder}" in stdout
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()

@@ -1,12 +1,13 @@
 import shutil
 
+import pytest
 import torch
 
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
 from mmpeft.data.feature_cache import VisionFeatureCache, feature_key, prepare_feature_cache
 from mmpeft.data.llava import ConversationEncoder, Sample, read_caption_jsonl
 from mmpeft.data.templates import chat_template
-from mmpeft.models.llava import add_image_token, build_llava, llava_forward
+from mmpeft.models.llava import add_image_token, build_llava, llava_forward, llava_parts
 from mmpeft.models.trainable import apply_trainability
 from mmpeft.presets import load_clip, load_lm, resolve_preset
 
@@ -20,7 +21,8 @@ def _setup(small_zoo, small_world, tmp_path):
     model = build_llava(clip.vision_model, lm, image_id)
     encoder = ConversationEncoder(tokenizer, processor.image_processor, chat_template(tokenizer, "plain"), "<image>",
                                   16, 128)
-    rows = [f'{{"image": "train/{p.name}", "caption": "A shape."}}' for p in sorted((small_world / "coco/train").iterdir())]
+    names = sorted(p.name for p in (small_world / "coco/train").iterdir())
+    rows = [f'{{"image": "train/{name}", "caption": "A shape."}}' for name in names]
     jsonl = tmp_path / "pairs.jsonl"
     jsonl.write_text("\n".join(rows[:6] + rows[:2]) + "\n")  # the first two images twice
     samples = read_caption_jsonl(jsonl, small_world / "coco")
@@ -33,9 +35,7 @@ def test_cached_features_give_the_same_loss_and_gradients_as_pixels(small_zoo, s
     assert len(cache.index) == 6  # repeated images share a row
     assert VisionFeatureCache(tmp_path / "cache", cache.folder.name).build(
         samples, encoder, clip.vision_model, -2, log=lambda *_: None) == 0  # a second run encodes nothing
-    model = apply_trainability(model, {"vision": model.model.vision_tower, "connector": model.model.multi_modal_projector,
-                                       "llm": model.model.language_model},
-                               {"vision": "frozen", "connector": "full", "llm": "frozen"})
+    model = apply_trainability(model, llava_parts(model), {"vision": "frozen", "connector": "full", "llm": "frozen"})
     collate = collate_conversations(tokenizer.pad_token_id)
     by_pixels = collate([ConversationDataset(samples, encoder)[i] for i in range(8)])
     by_cache = collate([ConversationDataset(samples, encoder, features=cache)[i] for i in range(8)])
@@ -66,10 +66,7 @@ def test_a_missing_image_is_named(small_zoo, small_world, tmp_path):
     model, clip, processor, encoder, samples, _ = _setup(small_zoo, small_world, tmp_path)
     cache = prepare_feature_cache(tmp_path / "cache", samples[:2], encoder, clip.vision_model, -2, log=lambda *_: None)
     shutil.copy(samples[5].images[0], tmp_path / "other.jpg")
-    try:
-        ConversationDataset([Sample("x", [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A."}],
-                                    [tmp_path / "other.jpg"])], encoder, features=cache)[0]
-    except KeyError as err:
-        assert "not in the feature cache" in str(err)
-    else:
-        raise AssertionError("a missing image must be an error")
+    sample = Sample("x", [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A."}],
+                    [tmp_path / "other.jpg"])
+    with pytest.raises(KeyError, match="not in the feature cache"):
+        ConversationDataset([sample], encoder, features=cache)[0]

@@ -139,3 +139,44 @@ def test_llava_json_structure_errors_name_file_and_record(tmp_path):
     path.write_text(json.dumps([{"id": "x9", "conversations": [{"from": "robot", "value": "hi"}]}]))
     with pytest.raises(ValueError, match=r"bad.json: record x9: unknown speaker\(s\) \['robot'\]"):
         read_llava_json(path, tmp_path)
+
+
+def test_pad_to_square_centres_the_image_on_the_mean_colour(tokenizer, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "wide.png")
+    encoder = ConversationEncoder(tokenizer, CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                crop_size={"height": 32, "width": 32}),
+                                  chat_template(tokenizer, "tokenizer"), IMAGE_TOKEN, N_IMAGE, 512, pad_to_square=True)
+    sample = Sample("w", TWO_TURNS.messages, [tmp_path / "wide.png"])
+    pixels = encoder.images(sample)[0]  # normalised: the mean colour becomes 0
+    assert pixels.shape == (3, 32, 32)
+    assert pixels[:, :6].abs().max() < 0.05 and pixels[:, -6:].abs().max() < 0.05  # the padding, top and bottom
+    assert pixels[0, 12:20].min() > 1.5 and pixels[1, 12:20].max() < -1.5  # the red middle band, whole width
+    cropped = _encoder(tokenizer).images(sample)[0]  # without padding the centre crop is all red
+    assert cropped[0].min() > 1.5
+
+
+def test_messages_dataset_from_hugging_face_datasets(tmp_path):
+    import datasets
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8), (0, 0, 255))
+    hf = datasets.Dataset.from_dict({
+        "id": ["a", "b"],
+        "messages": [[{"role": "user", "content": [{"type": "text", "text": "Colour?"}, {"type": "image"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}],
+                     [{"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]}]],
+        "images": [[image], []],
+    }).cast_column("images", datasets.Sequence(datasets.Image()))
+    hf.save_to_disk(tmp_path / "ds")
+    samples = read_messages_dataset(datasets.load_from_disk(tmp_path / "ds"), id_column="id")
+    assert [s.id for s in samples] == ["a", "b"]
+    assert samples[0].messages[0]["content"] == "Colour?<image>" and samples[1].images == []
+    from mmpeft.data.llava import open_image
+
+    assert open_image(samples[0].images[0], "a").getpixel((3, 3)) == (0, 0, 255)
+    bad = [{"messages": [{"role": "robot", "content": "x"}], "images": []}]
+    with pytest.raises(ValueError, match="row 0: unknown role 'robot'"):
+        read_messages_dataset(bad)
