@@ -2,7 +2,8 @@
 
     mmpeft world      build the tiny world (data) into the cache
     mmpeft zoo        build the world and the tiny model zoo, print the zoo's figures
-    mmpeft pipeline   everything on the built-in default, printing each part's figures
+    mmpeft pipeline   everything on the built-in default (world, zoo, data_gen, LLaVA stages 1
+                      and 2), printing each part's figures
 
 The cache is `--cache`, else `$MMPEFT_CACHE`, else `~/.cache/mmpeft`.
 """
@@ -45,9 +46,10 @@ def zoo_figures(records: dict) -> list[tuple[str, str, float, str]]:
 def print_table(title: str, rows) -> None:
     """A plain aligned table on stdout."""
     print(f"\n{title}")
-    width = max(len(r[1]) for r in rows)
+    width, name = max(len(r[1]) for r in rows), max(len(r[0]) for r in rows)
     for part, figure, value, reference in rows:
-        print(f"  {part:<5} {figure:<{width}}  {value:>8.3f}   ({reference})")
+        shown = f"{value:>8d}" if isinstance(value, int) else f"{value:>8.3f}"
+        print(f"  {part:<{name}} {figure:<{width}}  {shown}   ({reference})")
 
 
 RECIPES = [  # (script, output folder, extra overrides), in the order they build on each other
@@ -57,11 +59,19 @@ RECIPES = [  # (script, output folder, extra overrides), in the order they build
 
 
 def run_recipes(out: Path, cache: Path) -> None:
-    """Run each recipe on the tiny preset as a user would, then print its figures."""
+    """Run data_gen and each recipe on the tiny preset as a user would, then print their figures."""
     repo = Path(__file__).resolve().parents[1]
     if not (repo / "recipes").is_dir():
         raise FileNotFoundError(f"no recipes/ beside the package at {repo}: install from a clone with pip install -e .")
     rows = []
+    data = out / "data_gen" / "llava_instruct.json"
+    cmd = [sys.executable, str(repo / "data_gen" / "make_llava_instruct.py"), "--output", str(data), "--no-progress"]
+    print(f"\n$ {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True, cwd=repo, env={**os.environ, "MMPEFT_CACHE": str(cache)})
+    s = json.loads(data.with_name(data.name + ".summary.json").read_text())
+    rows.append(("data_gen", f"LLaVA records written of {s['jobs']} asked (SmolLM2-135M teacher)", s["records"],
+                 f"rejected replies {sum(s['rejected'].values())}, {s['tokens'] / max(s['seconds'], 1e-9):.1f} "
+                 "tokens/s"))
     for script, name, extra in RECIPES:
         cmd = [sys.executable, str(repo / "recipes" / script), f"training.output_dir={out / name}",
                f"tiny.cache={cache}", *[e.format(out=out) for e in extra]]

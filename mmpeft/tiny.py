@@ -16,6 +16,12 @@ def cache_root(cache: str | None, environ: dict) -> Path:
     return Path(cache or environ.get(CACHE_ENV) or Path.home() / ".cache" / "mmpeft")
 
 
+def tiny_world(cache: str | Path, seed: int = 0) -> Path:
+    """Build (or find) only the default tiny world; returns its folder."""
+    spec = WorldSpec(seed=seed)
+    return build_world(Path(cache) / f"world-v{spec.version}-seed{seed}", spec)
+
+
 def world_and_zoo(cache: str | Path, seed: int = 0, workers: int = 2) -> tuple[Path, Path, dict]:
     """Build (or find) the default tiny world and zoo; returns their folders and the zoo's
     per-part records."""

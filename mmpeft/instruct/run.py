@@ -1,0 +1,170 @@
+"""Jobs (one image and one task, or one description to refine), their generation with
+retries into a `ResultStore`, and the final LLaVA JSON assembled from the store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .backends import Request
+from .checks import Rejected, drop_repeated_questions, read_reply
+from .context import ImageContext
+from .prompts import TaskPrompt
+from .store import ResultStore, job_key
+
+IMAGE_MARKER = "<image>"
+
+
+def stable_seed(*parts) -> int:
+    return int(hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8], 16)
+
+
+@dataclass
+class Job:
+    key: str
+    task: str
+    record_id: str
+    image: str | None
+    messages: list[dict]
+    prompt_version: str
+    counts: Counter = field(default_factory=Counter)
+    question: str = ""  # the user question of a detail record
+    original: dict | None = None  # the record a refine job rewrites
+
+
+def plan_jobs(contexts: list[ImageContext], prompts: dict[str, TaskPrompt], model: str, seed: int,
+              detail_questions: list[str]) -> list[Job]:
+    """One job per image and task, in input order."""
+    jobs = []
+    for ctx in contexts:
+        for task, prompt in prompts.items():
+            question = ""
+            if task == "detail":
+                question = random.Random(stable_seed(seed, ctx.image, "question")).choice(detail_questions)
+            jobs.append(Job(job_key(ctx.image, task, prompt.version, model, seed), task, f"{ctx.image_id}-{task}",
+                            ctx.image, prompt.messages(ctx.render(prompt.uses_boxes)), prompt.version,
+                            ctx.counts(), question))
+    return jobs
+
+
+def llava_record(job: Job, pairs: list[tuple[str, str]], seed: int) -> dict:
+    """LLaVA's record: `<image>` before or after the first question, by a seeded choice."""
+    if job.task == "detail":
+        pairs = [(job.question, pairs[0][1])]
+    turns = []
+    for k, (q, a) in enumerate(pairs):
+        if k == 0:
+            before = random.Random(stable_seed(seed, job.image, job.task, "marker")).random() < 0.5
+            q = f"{IMAGE_MARKER}\n{q}" if before else f"{q}\n{IMAGE_MARKER}"
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return {"id": job.record_id, "image": job.image, "conversations": turns}
+
+
+@dataclass
+class Stats:
+    accepted: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)
+    given_up: Counter = field(default_factory=Counter)
+    repeated_questions: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    already_done: int = 0
+
+
+def generate(jobs: list[Job], backend, store: ResultStore, seed: int, max_attempts: int, known: set[str],
+             to_record: Callable[[Job, list], dict], progress: bool = True, chunk: int = 64) -> Stats:
+    """Run every job not finished in `store`; a rejected reply is stored with its reason and
+    its job retried with a new seed, up to `max_attempts` replies per job."""
+    from tqdm.auto import tqdm
+
+    stats = Stats(already_done=sum(store.done(j.key) for j in jobs))
+    start = time.time()
+    pending = [j for j in jobs if not store.done(j.key)]
+    bar = tqdm(total=len(pending), disable=not progress, unit="record", dynamic_ncols=True)
+    sampling = asdict(backend.sampling)
+    while pending:
+        for lo in range(0, len(pending), chunk):  # chunks keep progress and storage flowing on long runs
+            part = pending[lo:lo + chunk]
+            seeds = [stable_seed(seed, j.key, store.attempts(j.key)) % 2**31 for j in part]
+            requests = [Request(j.messages, s) for j, s in zip(part, seeds, strict=True)]
+            for i, reply in backend.run(requests):
+                job, attempt = part[i], store.attempts(part[i].key) + 1
+                stats.prompt_tokens += reply.prompt_tokens
+                stats.completion_tokens += reply.completion_tokens
+                meta = {"task": job.task, "id": job.record_id, "attempt": attempt}
+                try:
+                    if reply.error:
+                        raise Rejected("backend error", reply.error)
+                    pairs = read_reply(job.task, reply.text, reply.finish_reason, job.counts, known)
+                    pairs, dropped = drop_repeated_questions(pairs)
+                    stats.repeated_questions += dropped
+                    provenance = {"id": job.record_id, "task": job.task, "model": backend.name,
+                                  "backend": backend.kind, "prompt_version": job.prompt_version,
+                                  "sampling": sampling, "seed": seeds[i], "attempt": attempt,
+                                  "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+                    store.accept(job.key, to_record(job, pairs), provenance)
+                    stats.accepted[job.task] += 1
+                    bar.update(1)
+                except Rejected as err:
+                    final = attempt >= max_attempts
+                    store.reject(job.key, err.reason, err.detail, reply.text, final, meta)
+                    stats.rejected[err.reason] += 1
+                    if final:
+                        stats.given_up[err.reason] += 1
+                        bar.update(1)
+                elapsed = max(time.time() - start, 1e-6)
+                bar.set_postfix(accepted=sum(stats.accepted.values()), rejected=sum(stats.rejected.values()),
+                                tok_s=f"{stats.completion_tokens / elapsed:.1f}", refresh=False)
+        pending = [j for j in pending if not store.done(j.key)]
+    bar.close()
+    stats.seconds = time.time() - start
+    return stats
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(jobs: list[Job], store: ResultStore, output: str | os.PathLike) -> tuple[int, int]:
+    """The accepted records in job order as one LLaVA JSON file, and their provenance as
+    `<output>.provenance.jsonl`. A question that repeats one already asked about the same
+    image in another task is dropped (a record left with none is left out); returns the
+    number of records written and of questions dropped."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    records, provenance, seen, dropped = [], [], {}, 0
+    for job in jobs:
+        row = store.accepted.get(job.key)
+        if row is None:
+            continue
+        record = row["record"]
+        turns = record["conversations"]
+        pairs = [(turns[k]["value"].replace(IMAGE_MARKER, "").strip(), turns[k + 1]["value"])
+                 for k in range(0, len(turns), 2)]
+        kept, n = drop_repeated_questions(pairs, seen.setdefault(record.get("image"), []))
+        if n:
+            dropped += n
+            if not kept:
+                continue
+            keep = {q for q, _ in kept}
+            record = {**record, "conversations": [t for k in range(0, len(turns), 2) for t in turns[k:k + 2]
+                                                  if pairs[k // 2][0] in keep]}
+            if IMAGE_MARKER not in record["conversations"][0]["value"] and record.get("image"):
+                record["conversations"][0] = {**record["conversations"][0],
+                                              "value": f"{IMAGE_MARKER}\n{record['conversations'][0]['value']}"}
+        records.append(record)
+        provenance.append(row["provenance"])
+    _write_atomic(output, json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+    _write_atomic(output.with_name(output.name + ".provenance.jsonl"),
+                  "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in provenance))
+    return len(records), dropped

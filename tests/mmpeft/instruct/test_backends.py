@@ -1,0 +1,76 @@
+import email.utils
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from mmpeft.instruct.backends import OpenAIBackend, Request, Sampling, _retry_after
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status, headers = self.server.script.pop(0) if self.server.script else (200, {})
+        self.server.times.append(time.time())
+        if status != 200:
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(b'{"error": "no"}')
+            return
+        data = json.dumps({"choices": [{"message": {"content": "Q: Hi?\nA: Yes."}, "finish_reason": "length"}],
+                           "usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.script, srv.times = [], []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+
+
+def _backend(server, **kw):
+    return OpenAIBackend(f"http://127.0.0.1:{server.server_address[1]}/v1/", "m", Sampling(), backoff=0.01, **kw)
+
+
+def test_retry_after_is_honoured(server):
+    server.script = [(429, {"Retry-After": "0.4"}), (503, {})]
+    reply = _backend(server).complete(Request([{"role": "user", "content": "x"}], 1))
+    assert reply.error is None and reply.text == "Q: Hi?\nA: Yes." and reply.finish_reason == "length"
+    assert (reply.prompt_tokens, reply.completion_tokens) == (7, 3)
+    assert server.times[1] - server.times[0] >= 0.4 and len(server.times) == 3
+
+
+def test_failures_end_as_errors_not_gaps(server):
+    server.script = [(500, {})] * 10
+    reply = _backend(server, max_retries=2).complete(Request([], 1))
+    assert reply.error.startswith("HTTP 500") and len(server.times) == 3
+    server.script, server.times = [(400, {})], []
+    assert _backend(server).complete(Request([], 1)).error.startswith("HTTP 400") and len(server.times) == 1
+    dead = OpenAIBackend("http://127.0.0.1:9/v1", "m", Sampling(), max_retries=1, backoff=0.01, timeout=2)
+    assert "URLError" in dead.complete(Request([], 1)).error
+
+
+def test_run_returns_every_request(server):
+    backend = _backend(server, concurrency=3)
+    got = dict(backend.run([Request([{"role": "user", "content": str(i)}], i) for i in range(7)]))
+    assert sorted(got) == list(range(7))
+
+
+def test_retry_after_forms():
+    assert _retry_after("2.5") == 2.5 and _retry_after(None) is None and _retry_after("soon") is None
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < _retry_after(later) <= 30
+    assert "sk-" not in repr(OpenAIBackend("http://h/v1", "m", Sampling()))
