@@ -45,7 +45,7 @@ def parse_args(argv):
     src.add_argument("--instances", help="COCO instances_*.json (boxes; without it tasks that need boxes are skipped)")
     src.add_argument("--jsonl", help="JSONL of {image, captions, boxes: [{category, bbox: [x1, y1, x2, y2]}]}")
     src.add_argument("--image-prefix", default=None, help="prepended to each image path in the output")
-    src.add_argument("--limit", type=int, default=None, help="first N images (default: all; 8 on the tiny world)")
+    src.add_argument("--limit", type=int, default=None, help="first N images (default: all; 4 on the tiny world)")
     src.add_argument("--max-captions", type=int, default=5)
     src.add_argument("--max-boxes", type=int, default=20)
     src.add_argument("--crowd", choices=("drop", "keep"), default="drop", help="COCO crowd boxes")
@@ -90,7 +90,7 @@ def main(argv=None):
             captions = world / "coco/annotations/captions_train.json"
             instances = world / "coco/annotations/instances_train.json"
             args.image_prefix = "train/" if prefix is None else prefix
-            args.limit = 8 if args.limit is None else args.limit
+            args.limit = 4 if args.limit is None else args.limit
             print(f"input: the tiny world at {world} (first {args.limit} training images)")
         contexts, report = read_coco_contexts(captions, instances, args.max_captions, args.max_boxes, args.crowd)
     for line in report.lines():

@@ -34,7 +34,7 @@ from mmpeft.models.llava import (
     llava_processor,
     load_base_models,
 )
-from mmpeft.models.llava_io import save_llava
+from mmpeft.models.llava_io import load_llava, save_llava
 from mmpeft.models.trainable import apply_trainability, trainable_parameter_count
 from mmpeft.presets import resolve_preset
 from mmpeft.tiny import folders_for
@@ -116,9 +116,9 @@ def main(argv=None):
     if rank == 0:
         metrics = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "skipped": dict(dataset.skipped)}
         summary = f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}"
-        if questions:
-            model.eval()
-            after = answer_accuracy(model, qa_encoder, questions)
+        if questions:  # the model as saved, rebuilt from the output folder (free of ZeRO-3's partitioning)
+            trained, _, _ = load_llava(t["output_dir"])
+            after = answer_accuracy(trained, qa_encoder, questions)
             metrics.update(answer_accuracy_before=before["accuracy"], answer_accuracy_after=after["accuracy"],
                            chance=after["chance"], by_type_after=after["by_type"])
             summary += (f"; answer accuracy on {after['questions']} held-out questions: {before['accuracy']:.3f} "

@@ -72,6 +72,16 @@ def load_llava(folder: str | Path, lm_source: str | None = None, clip_source: st
     settings = json.loads((folder / CONFIG_FILE).read_text())
     processor = LlavaProcessor.from_pretrained(folder)
     lm_path = folder / "lm" if (folder / "lm").is_dir() else None
+    if settings.get("qlora") and "quantization_config" not in load_kwargs:  # the same 4-bit base it trained on
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        bf16 = settings.get("config", {}).get("training", {}).get("bf16")
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+        load_kwargs.setdefault("dtype", dtype)
     lm = AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"], **load_kwargs)
     tokenizer = processor.tokenizer
     add_tokens(tokenizer, lm, [settings["image_token"]])

@@ -120,6 +120,20 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def _tokens_per_micro_batch(micro: list[dict], world: int) -> torch.Tensor | None:
+    """Label tokens of the whole step (every micro-batch on every rank) over the number of
+    micro-batches. A causal LM's loss divided by this, rather than by its own micro-batch's
+    count, makes the step's gradient the mean over all of the step's tokens, as DeepSpeed
+    averages over ranks and accumulation steps: the loss curve is the same on 1 or N ranks
+    and with any accumulation. None when the batches carry no labels."""
+    if not all("labels" in b for b in micro):
+        return None
+    count = sum((b["labels"][..., 1:] != -100).sum() for b in micro).to(torch.float64)
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(count)
+    return (count / (world * len(micro))).clamp(min=1.0).float()
+
+
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
@@ -171,6 +185,7 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
     start, device = time.time(), engine.device
     while step < cfg.max_steps:
         sums: dict[str, float] = {}
+        micro = []
         for _ in range(cfg.grad_accum):
             try:
                 batch = next(batches)
@@ -179,7 +194,11 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
                 sampler.set_epoch(epoch)
                 batches = iter(loader)
                 batch = next(batches)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            micro.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        tokens = _tokens_per_micro_batch(micro, world)
+        for batch in micro:
+            if tokens is not None:
+                batch["num_items_in_batch"] = tokens
             parts = forward(engine, batch)
             engine.backward(parts["loss"])
             engine.step()

@@ -24,6 +24,8 @@ REPLIES = {
                            "Q: Is the background dark?\nA: Yes, it is dark.",
     "You write picture descriptions": "A few simple coloured shapes sit on a dark, plain background, spread "
                                       "across the picture with space between them.",
+    "You edit picture descriptions": "A red bus is parked at the side of a street, and two people stand near "
+                                     "its open door.",
     "You write reasoning questions": "Q: Could the shapes be stacked on each other?\nA: No, each shape sits in "
                                      "its own part of the picture with empty space around it.",
 }
@@ -135,6 +137,25 @@ def test_dry_run_prints_prompts_and_sends_nothing(small_world, server, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("===== ") == 6 and "dry run: 6 requests" in proc.stdout
     assert server.seen == [] and not (tmp_path / "d.json").exists()
+
+
+def test_refine_rewrites_descriptions_and_keeps_other_records(server, tmp_path):
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    long = "A red bus are parked at the side of a street. The bus is red. There is a red bus. Two people stand near"
+    records = [{"id": "d", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nDescribe it."},
+                                                               {"from": "gpt", "value": long}]},
+               {"id": "q", "image": "b.jpg", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                               {"from": "gpt", "value": "Red."}]}]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    proc = subprocess.run([sys.executable, str(ROOT / "data_gen" / "refine_descriptions.py"), "--input",
+                           str(tmp_path / "in.json"), "--base-url", url, "--model", "m", "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads((tmp_path / "in.refined.json").read_text())
+    assert [r["id"] for r in out] == ["d", "q"]
+    assert out[0]["conversations"][1]["value"] == REPLIES["You edit picture descriptions"]
+    assert out[0]["conversations"][0] == records[0]["conversations"][0] and out[1] == records[1]
+    assert "1 descriptions to refine, 1 other records kept as they are" in proc.stdout
 
 
 def _free_port() -> int:
