@@ -23,6 +23,9 @@ class LoraSettings:
     r: int = 128
     alpha: int = 256
     dropout: float = 0.05
+    # "all-linear": every linear layer of a LoRA part; or a list of layer names (last name
+    # component, such as q_proj, v_proj) to keep among them
+    targets: str | list[str] = "all-linear"
 
 
 def linear_layer_names(root: nn.Module, prefix: str) -> list[str]:
@@ -42,6 +45,9 @@ def apply_trainability(model, parts: dict[str, nn.Module], choice: dict[str, str
     problems += [f"{p}: no such part (parts: {', '.join(parts)})" for p in choice if p not in parts]
     if problems:
         raise ValueError("trainability settings: " + "; ".join(problems))
+    lora = lora or LoraSettings()
+    if lora.targets != "all-linear" and not (isinstance(lora.targets, list) and lora.targets):
+        raise ValueError(f"lora targets: 'all-linear' or a list of layer names, not {lora.targets!r}")
     names = {module: name for name, module in model.named_modules()}
     model.requires_grad_(False)
     targets, full = [], []
@@ -52,9 +58,15 @@ def apply_trainability(model, parts: dict[str, nn.Module], choice: dict[str, str
             full.append(names[module])
         elif how == "lora":
             targets += linear_layer_names(module, names[module])
+    if targets and lora.targets != "all-linear":
+        unmatched = [t for t in lora.targets if not any(n.rsplit(".", 1)[-1] == t for n in targets)]
+        if unmatched:
+            found = sorted({n.rsplit(".", 1)[-1] for n in targets})
+            raise ValueError(f"lora targets {unmatched} match no linear layer of the LoRA parts (they have: "
+                             f"{', '.join(found)})")
+        targets = [n for n in targets if n.rsplit(".", 1)[-1] in lora.targets]
     if not targets:
         return model
-    lora = lora or LoraSettings()
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         modules_to_save=full or None, task_type="CAUSAL_LM")
     return get_peft_model(model, config)

@@ -62,3 +62,26 @@ def test_trainability_errors_are_collected(parts):
     model, _ = _llava(parts)
     with pytest.raises(ValueError, match="vision: 'lorra' .*; audio: no such part"):
         apply_trainability(model, {"vision": model.model.vision_tower}, {"vision": "lorra", "audio": "full"})
+
+
+def test_lora_targets_listed_by_name(parts):
+    from mmpeft.models.trainable import LoraSettings
+
+    model, _ = _llava(parts)
+    parts_map = {"vision": model.model.vision_tower, "connector": model.model.multi_modal_projector,
+                 "llm": model.model.language_model}
+    choice = {"vision": "frozen", "connector": "full", "llm": "lora"}
+    peft_model = apply_trainability(model, parts_map, choice, LoraSettings(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    lora = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert len(lora) == 4 * 2 * 2 and all(".q_proj." in n or ".v_proj." in n for n in lora)
+
+
+def test_unknown_lora_target_is_named(parts):
+    from mmpeft.models.trainable import LoraSettings
+
+    model, _ = _llava(parts)
+    parts_map = {"vision": model.model.vision_tower, "connector": model.model.multi_modal_projector,
+                 "llm": model.model.language_model}
+    choice = {"vision": "frozen", "connector": "full", "llm": "lora"}
+    with pytest.raises(ValueError, match=r"\['qkv'\] match no linear layer .* q_proj"):
+        apply_trainability(model, parts_map, choice, LoraSettings(targets=["q_proj", "qkv"]))
