@@ -70,6 +70,9 @@ def main(argv=None):
     torch.manual_seed(t["seed"])
     model = build_llava(vision, lm, image_token_id, m["connector"], m["vision_feature_layer"])
     if m["init_connector"]:
+        if not (Path(m["init_connector"]) / "connector.safetensors").exists():
+            raise FileNotFoundError(f"model.init_connector: {m['init_connector']} holds no connector.safetensors; "
+                                    "give a stage-1 output or checkpoint folder, or null to start from scratch")
         model.model.multi_modal_projector.load_state_dict(
             load_file(Path(m["init_connector"]) / "connector.safetensors"))
         log(f"connector: from stage 1 at {m['init_connector']}")
