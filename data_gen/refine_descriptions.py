@@ -13,14 +13,13 @@ with its provenance and work files beside it, resumable like `make_llava_instruc
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from mmpeft.instruct.backends import OpenAIBackend, Sampling, TransformersBackend, default_gguf
 from mmpeft.instruct.prompts import load_prompt
-from mmpeft.instruct.run import Job, generate, write_outputs
+from mmpeft.instruct.run import Job, generate, write_atomic, write_outputs
 from mmpeft.instruct.store import ResultStore, job_key
 
 HERE = Path(__file__).resolve().parent
@@ -77,9 +76,7 @@ def main(argv=None):
     written, _ = write_outputs(jobs, store, output)
     if passed:  # the records that needed no refinement go after the refined ones
         data = json.loads(output.read_text()) + passed
-        tmp = output.with_name(f".{output.name}.partial")
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, output)
+        write_atomic(output, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     print(f"refined {written} of {len(jobs)}; rejected replies: {dict(stats.rejected)}; left out after "
           f"{args.max_attempts} replies: {dict(stats.given_up)}; wrote {written + len(passed)} records to {output}")
 

@@ -72,11 +72,16 @@ def _number(word: str) -> int | None:
     return int(word) if word.isdigit() else NUMBERS.get(word.lower())
 
 
+def _category_names(category: str) -> str:
+    """A regex alternation of the category and its plural."""
+    plural = category + ("es" if category.endswith(("s", "x", "ch", "sh")) else "s")
+    return f"{re.escape(plural)}|{re.escape(category)}"
+
+
 def _stated_counts(text: str, category: str):
     """(number, qualified by other words, phrase) for each 'N [word [word]] category' in text."""
-    plural = category + ("es" if category.endswith(("s", "x", "ch", "sh")) else "s")
     words = "|".join(re.escape(w) for w in sorted(NUMBERS, key=len, reverse=True))
-    pattern = rf"\b({words}|\d+)\s+((?:[a-z-]+\s+){{0,2}}?)({re.escape(plural)}|{re.escape(category)})\b"
+    pattern = rf"\b({words}|\d+)\s+((?:[a-z-]+\s+){{0,2}}?)({_category_names(category)})\b"
     for m in re.finditer(pattern, text, re.IGNORECASE):
         said = _number(m.group(1))
         if said is not None:
@@ -97,9 +102,7 @@ def check_pair(question: str, answer: str, counts: Counter, known: set[str]) -> 
     if not m or not first or _number(first.group(1)) is None:
         return
     for category in known:
-        plural = category + ("es" if category.endswith(("s", "x", "ch", "sh")) else "s")
-        found = re.search(rf"((?:[a-z-]+\s+){{0,2}}?)\b({re.escape(plural)}|{re.escape(category)})\b", m.group(1),
-                          re.IGNORECASE)
+        found = re.search(rf"((?:[a-z-]+\s+){{0,2}}?)\b({_category_names(category)})\b", m.group(1), re.IGNORECASE)
         if found:
             _compare(_number(first.group(1)), bool(found.group(1).strip()), f"{question} {answer}", category,
                      counts)

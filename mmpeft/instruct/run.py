@@ -129,7 +129,8 @@ def generate(jobs: list[Job], backend, store: ResultStore, seed: int, max_attemp
     return stats
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file, so a reader never sees half of it."""
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -164,7 +165,7 @@ def write_outputs(jobs: list[Job], store: ResultStore, output: str | os.PathLike
                                               "value": f"{IMAGE_MARKER}\n{record['conversations'][0]['value']}"}
         records.append(record)
         provenance.append(row["provenance"])
-    _write_atomic(output, json.dumps(records, indent=1, ensure_ascii=False) + "\n")
-    _write_atomic(output.with_name(output.name + ".provenance.jsonl"),
+    write_atomic(output, json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+    write_atomic(output.with_name(output.name + ".provenance.jsonl"),
                   "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in provenance))
     return len(records), dropped
