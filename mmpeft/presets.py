@@ -87,4 +87,6 @@ def load_diffusion(preset: Preset, **kwargs):
     """A `StableDiffusionPipeline` from the preset's diffusion source."""
     from diffusers import StableDiffusionPipeline
 
-    return _load(preset, "diffusion", StableDiffusionPipeline.from_pretrained, **kwargs)
+    pipeline = _load(preset, "diffusion", StableDiffusionPipeline.from_pretrained, **kwargs)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -52,3 +52,39 @@ def folders_for(config: dict, environ: dict) -> tuple[Path | None, Path | None]:
         dist.barrier()
     world, zoo, _ = world_and_zoo(cache)
     return world, zoo
+
+
+def launch_record(script: str, argv: list[str] | None) -> dict:
+    """How a run was started, for its model card: the script (relative to the current
+    folder when inside it), its arguments (`argv`, else the process's) and the rank count."""
+    import sys
+
+    import torch.distributed as dist
+
+    path = Path(script).resolve()
+    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    return {"argv": [str(shown), *args], "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+
+
+def start_run(config_path: str, overrides: list[str], environ: dict, push_to: str | None = None):
+    """What every recipe does first: read the config with its `dotted.key=value`
+    overrides, check that a push at the end could start (`push_to`, a repo id), join the
+    process group (one process under plain `python`), set the thread count, find or build
+    the tiny world and zoo when the config needs them and fill `{world}` / `{zoo}` into it.
+    Returns `(config, zoo folder or None, rank, log)`, where `log` prints on the first
+    rank only."""
+    import torch
+
+    from .config import fill, load_config
+    from .hub import check_push_ready
+    from .train.loop import setup_distributed
+
+    cfg = load_config(config_path, overrides)
+    if push_to is not None:
+        check_push_ready(push_to)
+    rank, _ = setup_distributed()
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    world, zoo = folders_for(cfg, environ)
+    return fill(cfg, world=world, zoo=zoo), zoo, rank, (print if rank == 0 else (lambda *_: None))

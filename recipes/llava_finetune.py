@@ -6,6 +6,7 @@ on the LLM plus the fully trained connector, on multi-turn instruction conversat
     deepspeed recipes/llava_finetune.py --config recipes/configs/llava_finetune_7b.yaml
     deepspeed --num_gpus 2 recipes/llava_finetune.py training.ds_config=ds_configs/zero3.json
     python recipes/llava_finetune.py --resume latest                     # continue a killed run
+    deepspeed recipes/llava_finetune.py --push_to_hub --hub_model_id you/llava-finetune  # push when the run ends
 
 Trains: LoRA on every linear layer of the LLM (not its head), the connector (its own
 learning rate). Frozen: vision tower, LLM weights. Starts from the stage-1 connector in
@@ -23,12 +24,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mmpeft.config import fill, load_config
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
 from mmpeft.data.feature_cache import prepare_feature_cache
 from mmpeft.data.llava import ConversationEncoder, read_llava_json, read_messages_dataset
 from mmpeft.data.templates import chat_template
 from mmpeft.eval.answers import answer_accuracy, read_questions
+from mmpeft.hub import push
 from mmpeft.models.llava import (
     add_image_token,
     build_llava,
@@ -40,8 +41,8 @@ from mmpeft.models.llava import (
 from mmpeft.models.llava_io import load_llava, save_llava
 from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
 from mmpeft.presets import resolve_preset
-from mmpeft.tiny import folders_for
-from mmpeft.train.loop import TrainConfig, setup_distributed, train
+from mmpeft.tiny import launch_record, start_run
+from mmpeft.train.loop import TrainConfig, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava_finetune_tiny.yaml"
 
@@ -51,15 +52,12 @@ def main(argv=None):
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("--push_to_hub", action="store_true", help="push the output folder to the Hub at the end")
+    parser.add_argument("--hub_model_id", help="user/name to push to")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    rank, _ = setup_distributed()
-    log = print if rank == 0 else (lambda *_: None)
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
-    world, zoo = folders_for(cfg, os.environ)
-    cfg = fill(cfg, world=world, zoo=zoo)
+    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ,
+                                    push_to=(args.hub_model_id or "") if args.push_to_hub else None)
     m, d, t = cfg["model"], cfg["data"], cfg["training"]
 
     ##### model
@@ -114,7 +112,8 @@ def main(argv=None):
 
     ##### training
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
-    settings = {"recipe": "llava_finetune", "sources": {"lm": preset.lm, "clip": preset.clip}, **{
+    settings = {"recipe": "llava_finetune", "launch": launch_record(__file__, argv),
+                "sources": {"lm": preset.lm, "clip": preset.clip}, **{
         k: m[k] for k in ("connector", "image_token", "vision_feature_layer", "trainable", "qlora")}, "config": cfg}
 
     def export(folder, is_main):
@@ -141,6 +140,8 @@ def main(argv=None):
         log(summary)
         if dataset.skipped:
             log(dataset.skip_report())
+        if args.push_to_hub:
+            push(t["output_dir"], args.hub_model_id, log=log)
 
 
 if __name__ == "__main__":

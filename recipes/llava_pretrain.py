@@ -5,6 +5,7 @@ and a frozen LLM on caption pairs (the prompt is the image alone, the target its
     deepspeed recipes/llava_pretrain.py --config recipes/configs/llava_pretrain_7b.yaml
     deepspeed recipes/llava_pretrain.py training.max_steps=50 model.connector=linear
     python recipes/llava_pretrain.py ...   (one process)   torchrun --nproc_per_node 2 recipes/llava_pretrain.py ...
+    deepspeed recipes/llava_pretrain.py --push_to_hub --hub_model_id you/llava-pretrain  # push when the run ends
 
 Trains: the connector only. Frozen: vision tower, LLM.
 With `data.feature_cache` set (the tiny config's default), the frozen tower's features are
@@ -20,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from mmpeft.config import fill, load_config
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
 from mmpeft.data.feature_cache import prepare_feature_cache
 from mmpeft.data.llava import ConversationEncoder, read_caption_jsonl, read_caption_shards, read_llava_json
 from mmpeft.data.templates import chat_template
 from mmpeft.eval.answers import answer_accuracy, read_questions
+from mmpeft.hub import push
 from mmpeft.models.llava import (
     add_image_token,
     build_llava,
@@ -37,8 +38,8 @@ from mmpeft.models.llava import (
 from mmpeft.models.llava_io import load_llava, save_llava
 from mmpeft.models.trainable import apply_trainability, trainable_parameter_count
 from mmpeft.presets import resolve_preset
-from mmpeft.tiny import folders_for
-from mmpeft.train.loop import TrainConfig, setup_distributed, train
+from mmpeft.tiny import launch_record, start_run
+from mmpeft.train.loop import TrainConfig, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava_pretrain_tiny.yaml"
 
@@ -48,17 +49,12 @@ def main(argv=None):
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("--push_to_hub", action="store_true", help="push the output folder to the Hub at the end")
+    parser.add_argument("--hub_model_id", help="user/name to push to")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    rank, _ = setup_distributed()
-    log = print if rank == 0 else (lambda *_: None)
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
-
-    ##### tiny world and zoo (built once, by the first rank)
-    world, zoo = folders_for(cfg, os.environ)
-    cfg = fill(cfg, world=world, zoo=zoo)
+    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ,
+                                    push_to=(args.hub_model_id or "") if args.push_to_hub else None)
     m, d, t = cfg["model"], cfg["data"], cfg["training"]
 
     ##### model
@@ -101,7 +97,8 @@ def main(argv=None):
 
     ##### training
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
-    settings = {"recipe": "llava_pretrain", "sources": {"lm": preset.lm, "clip": preset.clip}, **{
+    settings = {"recipe": "llava_pretrain", "launch": launch_record(__file__, argv),
+                "sources": {"lm": preset.lm, "clip": preset.clip}, **{
         k: m[k] for k in ("connector", "image_token", "vision_feature_layer", "trainable")}, "config": cfg}
 
     def export(folder, is_main):
@@ -128,6 +125,8 @@ def main(argv=None):
         log(summary)
         if dataset.skipped:
             log(dataset.skip_report())
+        if args.push_to_hub:
+            push(t["output_dir"], args.hub_model_id, log=log)
 
 
 if __name__ == "__main__":

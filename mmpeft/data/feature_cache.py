@@ -50,9 +50,9 @@ def tower_features(vision_tower, pixel_values: torch.Tensor, layer: int) -> torc
     return out.hidden_states[layer][:, 1:]
 
 
-class VisionFeatureCache:
-    """Features of every image of some samples, under `root/<key>/`. `build` computes
-    only the images the folder lacks; `get` reads one image's features."""
+class TensorCache:
+    """One tensor per key (an image digest, a caption's hash), stored under `root/<key>/`
+    in safetensors shards that are read lazily. `add` computes only what is missing."""
 
     def __init__(self, root: str | os.PathLike, key: str):
         self.folder = Path(root) / key
@@ -60,6 +60,52 @@ class VisionFeatureCache:
         if (self.folder / "index.json").exists():
             self.index = json.loads((self.folder / "index.json").read_text())
         self._handles: dict[str, object] = {}
+
+    def reload(self) -> None:
+        """Read the index again (another process may have added to the cache)."""
+        path = self.folder / "index.json"
+        self.index = json.loads(path.read_text()) if path.exists() else {}
+
+    def add(self, todo: list[tuple[str, object]], encode, batch_size: int = 64, what: str = "items",
+            log=print) -> int:
+        """Store `encode(items)` (a tensor with one row per item) for each `(key, item)` of
+        `todo` whose key is not cached yet; returns how many were computed."""
+        todo = [(k, item) for k, item in dict(todo).items() if k not in self.index]
+        if not todo:
+            return 0
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shard_no = len({v[0] for v in self.index.values()})
+        for start in range(0, len(todo), SHARD_ROWS):
+            part = todo[start:start + SHARD_ROWS]
+            rows = [encode([item for _, item in part[b:b + batch_size]]).cpu()
+                    for b in range(0, len(part), batch_size)]
+            name = f"shard-{shard_no:05d}.safetensors"
+            tmp = self.folder / f".{name}.partial"
+            save_file({"features": torch.cat(rows).contiguous()}, tmp)
+            os.replace(tmp, self.folder / name)
+            self.index.update({k: [name, row] for row, (k, _) in enumerate(part)})
+            tmp = self.folder / ".index.json.partial"
+            tmp.write_text(json.dumps(self.index))
+            os.replace(tmp, self.folder / "index.json")  # written after its shard, so never points at nothing
+            shard_no += 1
+            log(f"cache: {start + len(part)}/{len(todo)} {what} encoded into {self.folder}")
+        return len(todo)
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor stored under `key`."""
+        if key not in self.index:
+            raise KeyError(f"{key} is not in the feature cache {self.folder}; build it for these samples")
+        name, row = self.index[key]
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.folder / name), framework="pt")
+        return self._handles[name].get_slice("features")[row]
+
+    def __getstate__(self):  # file handles do not travel to DataLoader workers
+        return {**self.__dict__, "_handles": {}}
+
+
+class VisionFeatureCache(TensorCache):
+    """Vision tower features of every image of some samples, found by `image_digest`."""
 
     def missing(self, samples: list[Sample]) -> dict[str, object]:
         """Digest -> image for the samples' images not yet in the cache."""
@@ -74,41 +120,11 @@ class VisionFeatureCache:
     def build(self, samples: list[Sample], encoder, vision_tower, layer: int, batch_size: int = 64,
               log=print) -> int:
         """Compute and store the features of the images not cached yet; returns how many."""
-        todo = list(self.missing(samples).items())
-        if not todo:
-            return 0
-        self.folder.mkdir(parents=True, exist_ok=True)
-        shard_no = len({v[0] for v in self.index.values()})
-        for start in range(0, len(todo), SHARD_ROWS):
-            part = todo[start:start + SHARD_ROWS]
-            feats = []
-            for b in range(0, len(part), batch_size):
-                pixels = torch.cat([encoder.images(Sample(digest, [], [image]))
-                                    for digest, image in part[b:b + batch_size]])
-                feats.append(tower_features(vision_tower, pixels, layer).cpu())
-            name = f"shard-{shard_no:05d}.safetensors"
-            tmp = self.folder / f".{name}.partial"
-            save_file({"features": torch.cat(feats).contiguous()}, tmp)
-            os.replace(tmp, self.folder / name)
-            self.index.update({digest: [name, row] for row, (digest, _) in enumerate(part)})
-            tmp = self.folder / ".index.json.partial"
-            tmp.write_text(json.dumps(self.index))
-            os.replace(tmp, self.folder / "index.json")  # written after its shard, so never points at nothing
-            shard_no += 1
-            log(f"feature cache: {start + len(part)}/{len(todo)} images encoded into {self.folder}")
-        return len(todo)
+        def encode(images):
+            pixels = torch.cat([encoder.images(Sample("cache", [], [image])) for image in images])
+            return tower_features(vision_tower, pixels, layer)
 
-    def get(self, digest: str) -> torch.Tensor:
-        """Features of the image with this `image_digest`, `(patches, width)`."""
-        if digest not in self.index:
-            raise KeyError(f"image {digest} is not in the feature cache {self.folder}; build it for these samples")
-        name, row = self.index[digest]
-        if name not in self._handles:
-            self._handles[name] = safe_open(str(self.folder / name), framework="pt")
-        return self._handles[name].get_slice("features")[row]
-
-    def __getstate__(self):  # file handles do not travel to DataLoader workers
-        return {**self.__dict__, "_handles": {}}
+        return self.add(list(self.missing(samples).items()), encode, batch_size, "images", log)
 
 
 def prepare_feature_cache(root: str | os.PathLike, samples: list[Sample], encoder, vision_tower, layer: int,

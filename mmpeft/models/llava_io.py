@@ -44,7 +44,8 @@ def save_llava(model, folder: str | Path, processor, settings: dict) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()},
               folder / "connector.safetensors")
     if is_peft:
-        model.save_pretrained(folder / "llava_adapter")
+        # new token rows are rebuilt at load (mean of the old); trained ones travel as PEFT trainable tokens
+        model.save_pretrained(folder / "llava_adapter", save_embedding_layers=False)
         lora = model.peft_config["default"]
         base_prefix = settings.get("lm_base_prefix", "model")
         tensors, targets = _lm_view(model, "model.language_model", base_prefix)
@@ -58,10 +59,26 @@ def save_llava(model, folder: str | Path, processor, settings: dict) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
-def load_llava(folder: str | Path, lm_source: str | None = None, clip_source: str | None = None, **load_kwargs):
+def quantized_like(settings: dict, load_kwargs: dict) -> dict:
+    """`load_kwargs` for the LM, with the 4-bit NF4 config it trained on when the run was
+    QLoRA (unless the caller gives its own)."""
+    if not settings.get("qlora") or "quantization_config" in load_kwargs:
+        return load_kwargs
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if settings.get("config", {}).get("training", {}).get("bf16") else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    return {"dtype": dtype, **load_kwargs, "quantization_config": quant}
+
+
+def load_llava(folder: str | Path, lm_source: str | None = None, clip_source: str | None = None,
+               base_kwargs: dict | None = None, **load_kwargs):
     """Rebuild a trained LLaVA from a checkpoint or output folder in one call; returns
     `(model, processor, settings)`. The base models come from the sources recorded at
-    training time unless `lm_source` / `clip_source` point elsewhere (a local copy)."""
+    training time unless `lm_source` / `clip_source` point elsewhere (a local copy);
+    `base_kwargs` go to every base model's `from_pretrained`, `load_kwargs` to the LM's."""
     from transformers import AutoModel, AutoModelForCausalLM, CLIPModel, LlavaProcessor
 
     from .llava import add_tokens, build_llava
@@ -72,22 +89,14 @@ def load_llava(folder: str | Path, lm_source: str | None = None, clip_source: st
     settings = json.loads((folder / CONFIG_FILE).read_text())
     processor = LlavaProcessor.from_pretrained(folder)
     lm_path = folder / "lm" if (folder / "lm").is_dir() else None
-    if settings.get("qlora") and "quantization_config" not in load_kwargs:  # the same 4-bit base it trained on
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        bf16 = settings.get("config", {}).get("training", {}).get("bf16")
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        load_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
-        load_kwargs.setdefault("dtype", dtype)
-    lm = AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"], **load_kwargs)
+    load_kwargs = quantized_like(settings, load_kwargs)
+    base_kwargs = base_kwargs or {}
+    lm = AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"], **base_kwargs, **load_kwargs)
     tokenizer = processor.tokenizer
     add_tokens(tokenizer, lm, [settings["image_token"]])
     if lm_path is not None:  # the LM was fully fine-tuned: its trained body replaces the base's
-        lm.base_model.load_state_dict(AutoModel.from_pretrained(lm_path).state_dict())
-    clip = CLIPModel.from_pretrained(clip_source or settings["sources"]["clip"])
+        lm.base_model.load_state_dict(AutoModel.from_pretrained(lm_path, **base_kwargs).state_dict())
+    clip = CLIPModel.from_pretrained(clip_source or settings["sources"]["clip"], **base_kwargs)
     model = build_llava(clip.vision_model, lm, tokenizer.convert_tokens_to_ids(settings["image_token"]),
                         settings["connector"], settings.get("vision_feature_layer", -2))
     model.model.multi_modal_projector.load_state_dict(load_file(folder / "connector.safetensors"))

@@ -3,14 +3,17 @@
 Each part (`vision`, `connector`, `llm`) is `frozen`, `full` or `lora`. LoRA targets are
 the `nn.Linear` layers found inside the parts that ask for LoRA, by module type, never by
 guessing from names; the LM head is never a target. Fully trained parts that sit beside a
-LoRA adapter are PEFT `modules_to_save`, so the adapter files carry them.
+LoRA adapter are PEFT `modules_to_save`, so the adapter files carry them. New tokens
+(vokens) train only their own rows of the input embeddings and output head, through PEFT's
+trainable tokens: the frozen rows are not parameters at all, so no weight decay or
+optimizer state touches them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, TrainableTokensConfig, get_peft_model
 from torch import nn
 
 CHOICES = ("frozen", "full", "lora")
@@ -38,9 +41,11 @@ def linear_layer_names(root: nn.Module, prefix: str) -> list[str]:
 
 
 def apply_trainability(model, parts: dict[str, nn.Module], choice: dict[str, str],
-                       lora: LoraSettings | None = None):
+                       lora: LoraSettings | None = None, token_rows: dict[str, list[int]] | None = None):
     """Freeze everything, then open each part as `choice` says. `parts` maps a part name
-    to its module inside `model`. Returns the model, wrapped by PEFT when any part is LoRA."""
+    to its module inside `model`. `token_rows` maps embedding / head module names to the
+    token ids whose rows train. Returns the model, wrapped by PEFT when any part is LoRA
+    or any token rows train."""
     problems = [f"{p}: '{c}' is not one of {CHOICES}" for p, c in choice.items() if c not in CHOICES]
     problems += [f"{p}: no such part (parts: {', '.join(parts)})" for p in choice if p not in parts]
     if problems:
@@ -65,10 +70,16 @@ def apply_trainability(model, parts: dict[str, nn.Module], choice: dict[str, str
             raise ValueError(f"lora targets {unmatched} match no linear layer of the LoRA parts (they have: "
                              f"{', '.join(found)})")
         targets = [n for n in targets if n.rsplit(".", 1)[-1] in lora.targets]
-    if not targets:
+    if not targets and not token_rows:
         return model
+    if not targets:  # token rows alone; PEFT freezes the rest, so the full parts reopen after
+        ids = sorted({i for rows in token_rows.values() for i in rows})
+        wrapped = get_peft_model(model, TrainableTokensConfig(target_modules=list(token_rows), token_indices=ids))
+        for name in full:
+            wrapped.base_model.model.get_submodule(name).requires_grad_(True)
+        return wrapped
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                        modules_to_save=full or None, task_type="CAUSAL_LM")
+                        modules_to_save=full or None, task_type="CAUSAL_LM", trainable_token_indices=token_rows)
     return get_peft_model(model, config)
 
 

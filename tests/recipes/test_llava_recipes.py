@@ -195,3 +195,37 @@ def test_loss_curve_is_the_same_on_one_and_two_ranks_under_zero2_and_zero3(stage
     reference = curves.pop("zero2, 1 rank")
     for name, curve in curves.items():
         assert curve == pytest.approx(reference, rel=1e-3), name
+
+
+def test_mmpeft_load_rebuilds_the_run_and_export_is_native_with_the_same_generation(stage2, small_world, tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
+
+    import mmpeft
+    from mmpeft.export import export_run
+
+    out, _ = stage2
+    model, processor, _ = load_llava(out)
+    loaded = mmpeft.load(out)
+    image = Image.open(sorted((small_world / "coco" / "test").glob("*.jpg"))[0]).convert("RGB")
+    prompt = "<image>\nWhat colour is the circle?"
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+        before = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    exported = export_run(out, tmp_path / "export")
+    assert not (exported / "adapter_config.json").exists() and (exported / "model.safetensors").exists()
+    native = LlavaForConditionalGeneration.from_pretrained(exported).eval()  # no mmpeft code from here on
+    native_processor = AutoProcessor.from_pretrained(exported)
+    native_inputs = native_processor(images=image, text=prompt, return_tensors="pt")
+    torch.testing.assert_close(native_inputs["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        after = native.generate(**native_inputs, max_new_tokens=8, do_sample=False)
+        torch.testing.assert_close(native(**native_inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
+    assert after.tolist() == before.tolist()
+    served = pipeline("image-text-to-text", model=str(exported))(images=image, text=prompt, max_new_tokens=8,
+                                                                  do_sample=False, return_full_text=False)
+    new_tokens = before[0, inputs["input_ids"].shape[1]:]
+    assert served[0]["generated_text"] == processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
+    with pytest.raises(ValueError, match="merged export"):
+        mmpeft.load(exported)

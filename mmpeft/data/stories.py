@@ -1,0 +1,199 @@
+"""Voken training data: caption pairs (stage 1) and VIST-format stories (stage 2) turned into
+conversations whose answers hold the voken run where an image belongs, each run paired
+with its target image (and caption).
+
+Stage-2 tasks from story step k, with up to `history` earlier steps (their sentence and
+image) as context:
+
+    image        the user gives step k's sentence; the answer is the vokens
+    multimodal   the user asks what happens next; the answer is step k's sentence, then the
+                 vokens (no space between: a lone space token is one more thing to predict)
+    text         the user shows step k's image; the answer is its sentence
+
+The instruction wording of each task is a recipe setting (`data.prompts`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..models.vokens import mask_forced_vokens
+from .dataset import ConversationDataset, collate_conversations
+from .feature_cache import image_digest
+from .llava import IMAGE_MARKER, BadRecord, Sample
+
+TASKS = ("image", "multimodal", "text")
+
+
+@dataclass
+class StoryStep:
+    text: str
+    image: Path
+
+
+@dataclass
+class VokenSample:
+    """A conversation plus, for each voken run in it (in order), the target image and the
+    caption that describes it."""
+
+    sample: Sample
+    targets: list
+    captions: list[str]
+
+
+def read_vist(path: str | Path, image_folder: str | Path, steps: int = 5) -> dict[str, list[StoryStep]]:
+    """VIST story-in-sequence JSON: story id -> its steps in `worker_arranged_photo_order`,
+    images `image_folder/<photo_flickr_id>.<jpg|png|jpeg|gif>`. A story without exactly `steps` steps, or
+    with a missing field, is an error naming the file and the story."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read VIST stories: {err}") from err
+    if "annotations" not in data:
+        raise ValueError(f"{path}: no 'annotations' list (VIST story-in-sequence format)")
+    stories: dict[str, list] = {}
+    for k, entry in enumerate(data["annotations"]):
+        ann = entry[0] if isinstance(entry, list) and entry else entry
+        missing = [f for f in ("story_id", "photo_flickr_id", "worker_arranged_photo_order", "text")
+                   if not isinstance(ann, dict) or f not in ann]
+        if missing:
+            raise ValueError(f"{path}: annotation #{k} lacks {', '.join(missing)}")
+        stories.setdefault(str(ann["story_id"]), []).append(ann)
+    out = {}
+    for sid, anns in stories.items():
+        if len(anns) != steps:
+            raise ValueError(f"{path}: story {sid} has {len(anns)} steps, expected {steps}")
+        anns.sort(key=lambda a: int(a["worker_arranged_photo_order"]))
+        out[sid] = [StoryStep(a.get("original_text") or a["text"], _photo(Path(image_folder), a["photo_flickr_id"]))
+                    for a in anns]
+    return out
+
+
+def _photo(folder: Path, photo_id) -> Path:
+    """VIST names images by Flickr id with the original extension (mostly .jpg)."""
+    for ext in ("jpg", "png", "jpeg", "gif"):
+        if (folder / f"{photo_id}.{ext}").exists():
+            return folder / f"{photo_id}.{ext}"
+    return folder / f"{photo_id}.jpg"  # missing: the dataset's image check names it
+
+
+def voken_text(n: int = 8) -> str:
+    return "".join(f"[IMG{i}]" for i in range(n))
+
+
+def caption_voken_sample(sample_id: str, image, caption: str, prompt: str, n_vokens: int = 8) -> VokenSample:
+    """Stage 1: the user asks for a picture of the caption, the answer is the vokens."""
+    messages = [{"role": "user", "content": prompt.format(caption=caption.strip())},
+                {"role": "assistant", "content": voken_text(n_vokens)}]
+    return VokenSample(Sample(sample_id, messages), [image], [caption.strip()])
+
+
+def story_samples(story_id: str, steps: list[StoryStep], prompts: dict[str, str], tasks=TASKS,
+                  history: int = 2, n_vokens: int = 8, last_step_only: bool = False) -> list[VokenSample]:
+    """The stage-2 samples of one story: for each step (or only the last) and each task."""
+    out = []
+    for k in range(len(steps) - 1 if last_step_only else 0, len(steps)):
+        context = steps[max(0, k - history):k]
+        lead = "".join(f"{s.text} {IMAGE_MARKER}\n" for s in context)
+        images = [s.image for s in context]
+        step = steps[k]
+        for task in tasks:
+            sid = f"{story_id}/{k}/{task}"
+            if task == "image":
+                user, answer, targets = lead + prompts["image"].format(text=step.text), voken_text(n_vokens), [step]
+            elif task == "multimodal":
+                user, answer, targets = lead + prompts["multimodal"], step.text + voken_text(n_vokens), [step]
+            elif task == "text":
+                user, answer, targets = lead + f"{IMAGE_MARKER}\n" + prompts["text"], step.text, []
+            else:
+                raise ValueError(f"unknown stage-2 task {task!r}; tasks are {', '.join(TASKS)}")
+            extra = [step.image] if task == "text" else []
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+            out.append(VokenSample(Sample(sid, messages, images + extra), [t.image for t in targets],
+                                   [t.text for t in targets]))
+    return out
+
+
+class VokenDataset(Dataset):
+    """Encoded conversations (see `ConversationDataset`: checked up front, bad records an
+    error or a counted skip) with each voken run's target latents and, when
+    `captions` is given, its caption encoding. `latents(images)` and `captions(texts)`
+    return stacked tensors, read from a cache or computed."""
+
+    def __init__(self, samples: list[VokenSample], encoder, voken_ids: list[int], latents, captions=None,
+                 skip_bad_records: bool = False, features=None):
+        by_id = {}
+        for s in samples:
+            if s.sample.id in by_id:
+                raise ValueError(f"two samples share the id {s.sample.id}")
+            by_id[s.sample.id] = s
+        self.conversations = ConversationDataset([s.sample for s in samples], encoder, skip_bad_records,
+                                                 features=features)
+        self.latents, self.captions, self.voken_ids = latents, captions, voken_ids
+        self.items = []
+        for sample, encoded in self.conversations.items:
+            encoded["labels"] = mask_forced_vokens(encoded["input_ids"], encoded["labels"], voken_ids)
+            runs = encoded["input_ids"].count(voken_ids[0])
+            complete = encoded["input_ids"].count(voken_ids[-1])
+            if runs != complete or runs != len(by_id[sample.id].targets):
+                err = BadRecord(sample.id, f"{runs} voken run(s) ({complete} complete) within max_length but "
+                                f"{len(by_id[sample.id].targets)} target image(s)", "vokens cut or unmatched")
+                if not skip_bad_records:
+                    raise err
+                self.conversations.skipped[err.kind] += 1
+                self.conversations.skipped_ids.append(sample.id)
+                continue
+            self.items.append(by_id[sample.id])
+        keep = {s.sample.id for s in self.items}
+        self.conversations.items = [(s, e) for s, e in self.conversations.items if s.id in keep]
+        if self.conversations.digests is not None:
+            self.conversations.digests = [[image_digest(im) for im in s.images] for s, _ in self.conversations.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.conversations[i]
+        item = self.items[i]
+        if item.targets:
+            row["target_latents"] = self.latents(item.targets)
+            if self.captions is not None:
+                row["caption_embeds"] = self.captions(item.captions)
+        return row
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.conversations.lengths
+
+    @property
+    def has_image(self) -> list[bool]:
+        return self.conversations.has_image
+
+    @property
+    def skipped(self):
+        return self.conversations.skipped
+
+    def skip_report(self) -> str:
+        return self.conversations.skip_report()
+
+
+def collate_vokens(pad_id: int):
+    """`collate_conversations` plus the target latents and caption encodings, stacked in
+    sample order (which is the row-major order of the voken runs)."""
+    base = collate_conversations(pad_id)
+
+    def collate(rows: list[dict]) -> dict:
+        batch = base(rows)
+        for key in ("target_latents", "caption_embeds"):
+            parts = [r[key] for r in rows if key in r]
+            if parts:
+                batch[key] = torch.cat(parts)
+        return batch
+
+    return collate

@@ -1,0 +1,155 @@
+"""GILL on caption pairs: the LM learns to caption images given as a few input tokens and to
+answer a caption with `[IMG0]`..`[IMG7]`, whose states retrieve the image (contrastive
+head), map into Stable Diffusion's prompt embeddings (generation mapper) and, in a small
+last step, decide between the two (decision head).
+
+    deepspeed recipes/gill.py                                             # tiny preset, tiny world, CPU
+    deepspeed recipes/gill.py model.trainable.llm=lora                    # LoRA on the LM as well
+    deepspeed recipes/gill.py --push_to_hub --hub_model_id you/gill       # push when the run ends
+
+Trains: the `[IMG]` rows of the LM's input embeddings and output head, the image input map,
+the retrieval head, the generation mapper; then the decision head alone. Frozen: the LM
+(unless `model.trainable.llm` says lora), CLIP, Stable Diffusion. Writes to
+`training.output_dir`: `lm_adapter/`, `gill_heads.safetensors`, tokenizer, `mmpeft_config.json`,
+`checkpoint-{step}/` (decision head untrained there), `metrics.json`, `index/` (a retrieval index
+of the held-out images the decision was taught to retrieve).
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from mmpeft.data.coco import read_coco
+from mmpeft.data.diffusion_targets import CaptionTargets, prepare_targets
+from mmpeft.data.gill import ClipEmbeddings, GillDataset, collate_gill
+from mmpeft.data.llava import ConversationEncoder, read_caption_jsonl, read_caption_shards
+from mmpeft.data.retrieval_index import RetrievalIndex
+from mmpeft.data.stories import read_vist
+from mmpeft.data.templates import chat_template
+from mmpeft.eval import gill as ev
+from mmpeft.hub import push
+from mmpeft.models.gill_io import build_gill, load_gill, save_gill
+from mmpeft.models.llava import load_base_models
+from mmpeft.models.minigpt5_io import empty_caption, mapper_settings
+from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
+from mmpeft.models.vokens import trainable_token_targets
+from mmpeft.presets import load_clip, load_diffusion, resolve_preset
+from mmpeft.tiny import launch_record, start_run
+from mmpeft.train.loop import TrainConfig, train
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "gill_tiny.yaml"
+
+
+def read_pairs(source: dict):
+    if source["format"] == "caption_shards":
+        return read_caption_shards(source["path"])
+    if source["format"] == "caption_jsonl":
+        return read_caption_jsonl(source["path"], source["image_folder"])
+    raise ValueError(f"data format must be caption_shards or caption_jsonl, not {source['format']!r}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("--push_to_hub", action="store_true", help="push the output folder to the Hub at the end")
+    parser.add_argument("--hub_model_id", help="user/name to push to")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = parser.parse_args(argv)
+    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ,
+                                    push_to=(args.hub_model_id or "") if args.push_to_hub else None)
+    m, d, t, e = cfg["model"], cfg["data"], cfg["training"], cfg["eval"]
+
+    ##### model
+    preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"),
+                            diffusion=m.get("diffusion_path"))
+    dtype = torch.bfloat16 if t.get("bf16") else torch.float32
+    lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype)
+    pipeline = load_diffusion(preset, dtype=dtype)
+    pipeline.text_encoder.requires_grad_(False)
+    torch.manual_seed(t["seed"])
+    build = {"clip_dim": vision.config.hidden_size, "image_token": m["image_token"], "n_vokens": m["n_vokens"],
+             "image_tokens": m["image_tokens"], "retrieval_dim": m["retrieval_dim"],
+             "mapper": mapper_settings(lm.config.hidden_size, pipeline, **m["mapper"], input_layers=1),
+             "decision_dropout": m["decision_dropout"], "weights": cfg["loss"]["weights"]}
+    model = build_gill(lm, tokenizer, **build)
+    rows = {name: model.voken_ids for name in trainable_token_targets(lm).values()}
+    model.lm = apply_trainability(lm, {"llm": lm.base_model}, {"llm": m["trainable"]["llm"]},
+                                  LoraSettings(**m["lora"]), token_rows=rows)
+    model.decision.requires_grad_(False)  # trained in its own step after the main run
+    trainable, total = trainable_parameter_count(model)
+    log(f"model: {total:,} parameters, {trainable:,} trainable ([IMG] rows, heads, LM {m['trainable']['llm']})")
+
+    ##### data
+    encoder = ConversationEncoder(tokenizer, image_processor, chat_template(tokenizer, d["conversation_format"]),
+                                  m["image_token"], m["image_tokens"], d["max_length"])
+    pairs = read_pairs(d["train"])
+    clip = ClipEmbeddings(vision, image_processor, d["target_cache"])
+    captions = CaptionTargets(pipeline.tokenizer, pipeline.text_encoder, d["target_cache"])
+    prepare_targets(clip, [p.images[0] for p in pairs], log=log)
+    prepare_targets(captions, [p.messages[-1]["content"] for p in pairs], log=log)
+    dataset = GillDataset(pairs, encoder, model.voken_ids, d["prompt"], clip, captions, d["skip_bad_records"])
+    log(f"data: {len(dataset)} caption pairs from {d['train']['path']}"
+        + (f"; skipped {dataset.skip_report()}" if dataset.skipped else ""))
+
+    ##### training
+    settings = {"recipe": "gill", "launch": launch_record(__file__, argv),
+                "sources": {"lm": preset.lm, "clip": preset.clip, "diffusion": preset.diffusion},
+                "build": build, "qlora": m["qlora"], "config": cfg}
+
+    def export(folder, is_main):
+        if is_main:
+            save_gill(model, folder, tokenizer, settings)
+
+    history = train(model, dataset, collate_gill(tokenizer.pad_token_id), TrainConfig(**t),
+                    forward=lambda engine, batch: engine(**batch), export=export, lengths=dataset.lengths,
+                    has_image=[True] * len(dataset), resume=args.resume, log=log)
+
+    ##### decision head, then evaluation: held-out pairs and stories, the model as saved
+    if rank == 0:
+        metrics = {k: v for k, v in history[-1].items() if k.endswith("loss")} | {"first_loss": history[0]["loss"]}
+        trained, _, _ = load_gill(t["output_dir"])
+        fresh = ClipEmbeddings(vision, image_processor)  # held-out images: not in the training cache
+        encoder.max_length = lm.config.max_position_embeddings  # story queries are longer than training's
+        dec = e["decision"]  # the index holds the scenes of at most `index_max_objects` objects
+
+        def covered(im):
+            return len(im.objects) <= dec["index_max_objects"]
+
+        def decision_data(split, limit):
+            images = read_coco(split["images"], split["captions"], split["instances"])[:limit]
+            at0, _ = ev.image_pass_outputs(trained, encoder, [ev.query(im.captions[0], d["prompt"], m["n_vokens"])
+                                                              for im in images], fresh)
+            return images, at0, ev.coverage_labels(images, covered)
+
+        _, fit_at0, fit_labels = decision_data(dec["train"], dec["prompts"])
+        metrics["decision_train_loss"] = ev.train_decision(trained, fit_at0, fit_labels, dec["steps"])
+        save_gill(trained, t["output_dir"], tokenizer, settings)
+        test_images, test_at0, test_labels = decision_data(dec["test"], None)
+        metrics |= ev.decision_figures(trained, test_at0, test_labels)
+        RetrievalIndex.build([im.path for im in test_images if covered(im)], fresh, preset.clip).save(
+            Path(t["output_dir"]) / "index")  # for recipes/gill_answer.py
+        if e["pairs"]:
+            clip_model, clip_processor = load_clip(preset)
+            test = read_pairs(e["pairs"])[: e["limit"]]
+            figures, _ = ev.retrieval_figures(trained, encoder, test, fresh, clip_model, clip_processor, d["prompt"])
+            negative = empty_caption(pipeline)
+            gen, _ = ev.generation_figures(trained, pipeline, encoder, test[: e["generate"]], fresh, clip_model,
+                                           clip_processor, d["prompt"], negative, e["guidance"], e["sampling_steps"])
+            stories = dict(list(read_vist(e["stories"], e["story_images"]).items())[: e["limit"]])
+            story = ev.story_figures(trained, pipeline, encoder, stories, fresh, clip_model, clip_processor,
+                                     d["prompt"], negative, e["guidance"], e["sampling_steps"])
+            metrics |= figures | gen | {f"story_{k}": v for k, v in story.items()}
+            log(ev.describe(metrics))
+        Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        log("loss " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("loss")))
+        if args.push_to_hub:
+            push(t["output_dir"], args.hub_model_id, log=log)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""MiniGPT-5 stage 1, unimodal alignment: the LM learns to answer a caption with the vokens,
+and the feature mapper learns to turn their hidden states into Stable Diffusion's
+conditioning, on caption pairs.
+
+    deepspeed recipes/minigpt5_stage1.py                                  # tiny preset, tiny world, CPU
+    deepspeed recipes/minigpt5_stage1.py data.train.format=caption_jsonl data.train.path=pairs.jsonl \\
+        data.train.image_folder=images/
+    deepspeed recipes/minigpt5_stage1.py --config recipes/configs/minigpt5_stage1_vicuna.yaml
+    deepspeed recipes/minigpt5_stage1.py --push_to_hub --hub_model_id you/minigpt5-stage1  # push when the run ends
+
+Trains: the vokens' rows of the LM's input embeddings and output head, the whole mapper
+(MLP, learned query, transformer) at its own learning rate. Frozen: every other LM weight,
+CLIP, the connector, Stable Diffusion (its UNet passes the diffusion loss's gradient back).
+Loss: 0.01 LM + latent diffusion (Min-SNR 5) + 0.1 caption alignment, with 10% CFG dropout.
+Writes to `training.output_dir`: the LLaVA files (`llava_adapter/` holds the voken rows,
+`connector.safetensors`, processor, `mmpeft_config.json`), `mapper.safetensors`,
+`checkpoint-{step}/`, `metrics.json`.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mmpeft.data.diffusion_targets import CaptionTargets, LatentTargets, prepare_targets, sd_resolution
+from mmpeft.data.llava import ConversationEncoder, read_caption_jsonl, read_caption_shards
+from mmpeft.data.stories import VokenDataset, caption_voken_sample, collate_vokens
+from mmpeft.data.templates import chat_template
+from mmpeft.eval.vokens import conditioning_gap, mapped_conditions
+from mmpeft.hub import push
+from mmpeft.models.llava import llava_parts, llava_processor, load_base_models
+from mmpeft.models.minigpt5 import LossWeights, MiniGPT5, VokenMapper, mapper_parts
+from mmpeft.models.minigpt5_io import (
+    assemble_minigpt5,
+    empty_caption,
+    load_minigpt5,
+    mapper_settings,
+    minigpt5_settings,
+    save_minigpt5,
+    training_scheduler,
+)
+from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
+from mmpeft.models.vokens import trainable_token_targets
+from mmpeft.presets import load_diffusion, resolve_preset
+from mmpeft.tiny import launch_record, start_run
+from mmpeft.train.loop import TrainConfig, train
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minigpt5_stage1_tiny.yaml"
+
+
+def read_pairs(source: dict, prompt: str, n_vokens: int):
+    if source["format"] == "caption_shards":
+        pairs = read_caption_shards(source["path"])
+    elif source["format"] == "caption_jsonl":
+        pairs = read_caption_jsonl(source["path"], source["image_folder"])
+    else:
+        raise ValueError(f"data format must be caption_shards or caption_jsonl, not {source['format']!r}")
+    return [caption_voken_sample(p.id, p.images[0], p.messages[-1]["content"], prompt, n_vokens) for p in pairs]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("--push_to_hub", action="store_true", help="push the output folder to the Hub at the end")
+    parser.add_argument("--hub_model_id", help="user/name to push to")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = parser.parse_args(argv)
+    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ,
+                                    push_to=(args.hub_model_id or "") if args.push_to_hub else None)
+    m, d, t, loss = cfg["model"], cfg["data"], cfg["training"], cfg["loss"]
+
+    ##### model
+    preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"),
+                            diffusion=m.get("diffusion_path"))
+    dtype = torch.bfloat16 if t.get("bf16") else torch.float32
+    lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype)
+    pipeline = load_diffusion(preset, dtype=dtype)
+    torch.manual_seed(t["seed"])
+    llava, voken_ids = assemble_minigpt5(lm, tokenizer, vision, pipeline, m["image_token"], m["n_vokens"],
+                                         m["connector"], m["vision_feature_layer"])
+    if m["init_connector"]:  # stage 1 has no input images; a connector given here is carried on to stage 2
+        connector = load_file(Path(m["init_connector"]) / "connector.safetensors")
+        llava.model.multi_modal_projector.load_state_dict(connector)
+    image_seq_length = llava.config.image_seq_length
+    rows = {name: voken_ids for name in trainable_token_targets(llava).values()}
+    llava = apply_trainability(llava, llava_parts(llava), m["trainable"], LoraSettings(**m["lora"]), token_rows=rows)
+    mapper_args = mapper_settings(lm.config.hidden_size, pipeline, **m["mapper"])
+    mapper = VokenMapper(**mapper_args).to(dtype)
+    for part, module in mapper_parts(mapper).items():
+        module.requires_grad_(m["mapper_trainable"][part] == "full")
+    model = MiniGPT5(llava, mapper, pipeline.unet, training_scheduler(pipeline), voken_ids, empty_caption(pipeline),
+                     LossWeights(**loss["weights"]), loss["cfg_rate"], loss["snr_gamma"])
+    trainable, total = trainable_parameter_count(model)
+    log(f"model: {total:,} parameters, {trainable:,} trainable (voken rows, mapper {m['mapper_trainable']})")
+
+    ##### data
+    encoder = ConversationEncoder(tokenizer, image_processor, chat_template(tokenizer, d["conversation_format"]),
+                                  m["image_token"], image_seq_length, d["max_length"])
+    samples = read_pairs(d["train"], d["prompt"], m["n_vokens"])
+    latents = LatentTargets(pipeline.vae, sd_resolution(pipeline), d["target_cache"])
+    captions = CaptionTargets(pipeline.tokenizer, pipeline.text_encoder, d["target_cache"])
+    prepare_targets(latents, [s.targets[0] for s in samples], log=log)
+    prepare_targets(captions, [s.captions[0] for s in samples], log=log)
+    dataset = VokenDataset(samples, encoder, voken_ids, latents, captions, d["skip_bad_records"])
+    log(f"data: {len(dataset)} caption pairs from {d['train']['path']}"
+        + (f"; {dataset.skip_report()}" if dataset.skipped else ""))
+
+    ##### training
+    processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
+    settings = minigpt5_settings("minigpt5_stage1", preset, mapper_args, cfg, launch_record(__file__, argv))
+
+    def export(folder, is_main):
+        if is_main:
+            save_minigpt5(model, folder, processor, settings)
+
+    history = train(model, dataset, collate_vokens(tokenizer.pad_token_id), TrainConfig(**t),
+                    forward=lambda engine, batch: engine(**batch), export=export,
+                    lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log)
+
+    ##### evaluation: held-out pairs, the model as saved
+    if rank == 0:
+        metrics = {k: history[-1][k] for k in history[-1] if k.endswith("loss")}
+        metrics["first_loss"] = history[0]["loss"]
+        e = cfg["eval"]
+        if e["pairs"]:
+            trained, _, _, _ = load_minigpt5(t["output_dir"])
+            held_out = read_pairs(e["pairs"], d["prompt"], m["n_vokens"])[: e["limit"]]
+            test = VokenDataset(held_out, encoder, voken_ids, LatentTargets(pipeline.vae, sd_resolution(pipeline)))
+            gap = conditioning_gap(trained, *mapped_conditions(trained, test))
+            metrics.update({f"heldout_diffusion_loss_{k}": v for k, v in gap.items()})
+            log(f"held-out diffusion loss on {len(test)} pairs: right conditioning {gap['right']:.4f}, "
+                f"shuffled {gap['shuffled']:.4f} (paired gap {gap['gap']:.4f} +- {gap['gap_se']:.4f}), "
+                f"unconditional {gap['unconditional']:.4f}")
+        Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        log("loss " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if args.push_to_hub:
+            push(t["output_dir"], args.hub_model_id, log=log)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""MiniGPT-5 stage 2, multimodal learning on VIST-format stories: from the earlier steps of a
+story (sentences and images), generate the next image (text -> image), the next sentence
+and image (context -> text + image), or the sentence of a shown image (image -> text).
+
+    deepspeed recipes/minigpt5_stage2.py                                  # tiny preset, tiny world, CPU
+    deepspeed recipes/minigpt5_stage2.py model.qlora=true                 # 4-bit NF4 LM
+    deepspeed recipes/minigpt5_stage2.py model.init_from=null             # without stage 1 (says so)
+    deepspeed recipes/minigpt5_stage2.py --push_to_hub --hub_model_id you/minigpt5-stage2  # push when the run ends
+    deepspeed --num_gpus 2 recipes/minigpt5_stage2.py training.ds_config=ds_configs/zero3.json
+
+Trains: LoRA on the LM (q/v projections by default), the vokens' rows, the mapper's
+transformer, the connector. Frozen: other LM weights, CLIP, the mapper's MLP and query,
+Stable Diffusion. Starts from the stage-1 folder in `model.init_from` (voken rows, mapper,
+connector). Writes to `training.output_dir`: the stage-1 file set plus the LoRA adapter,
+`checkpoint-{step}/`, `metrics.json` and `samples/index.html` (held-out stories with the
+generated text and image next to the true one).
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from mmpeft.data.diffusion_targets import LatentTargets, prepare_targets, sd_resolution
+from mmpeft.data.feature_cache import prepare_feature_cache
+from mmpeft.data.llava import ConversationEncoder
+from mmpeft.data.stories import VokenDataset, collate_vokens, read_vist, story_samples
+from mmpeft.data.templates import chat_template
+from mmpeft.eval.pages import write_story_page
+from mmpeft.eval.vokens import describe_story_figures, story_figures, story_page_rows
+from mmpeft.hub import push
+from mmpeft.models.llava import llava_parts, llava_processor, load_base_models
+from mmpeft.models.minigpt5 import LossWeights, MiniGPT5, VokenMapper, mapper_parts
+from mmpeft.models.minigpt5_io import (
+    assemble_minigpt5,
+    empty_caption,
+    load_minigpt5,
+    mapper_settings,
+    minigpt5_settings,
+    save_minigpt5,
+    training_scheduler,
+)
+from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
+from mmpeft.models.vokens import trainable_token_targets
+from mmpeft.presets import load_clip, load_diffusion, resolve_preset
+from mmpeft.tiny import launch_record, start_run
+from mmpeft.train.loop import TrainConfig, train
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minigpt5_stage2_tiny.yaml"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("--push_to_hub", action="store_true", help="push the output folder to the Hub at the end")
+    parser.add_argument("--hub_model_id", help="user/name to push to")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = parser.parse_args(argv)
+    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ,
+                                    push_to=(args.hub_model_id or "") if args.push_to_hub else None)
+    m, d, t, loss, e = cfg["model"], cfg["data"], cfg["training"], cfg["loss"], cfg["eval"]
+
+    ##### model
+    preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"),
+                            diffusion=m.get("diffusion_path"))
+    dtype = torch.bfloat16 if t.get("bf16") else torch.float32
+    lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype)
+    pipeline = load_diffusion(preset, dtype=dtype)
+    torch.manual_seed(t["seed"])
+    llava, voken_ids = assemble_minigpt5(lm, tokenizer, vision, pipeline, m["image_token"], m["n_vokens"],
+                                         m["connector"], m["vision_feature_layer"])
+    mapper_args = mapper_settings(lm.config.hidden_size, pipeline, **m["mapper"])
+    mapper = VokenMapper(**mapper_args).to(dtype)
+    if m["init_from"]:
+        stage1 = Path(m["init_from"])
+        needed = ["mapper.safetensors", "connector.safetensors", "llava_adapter", "mmpeft_config.json"]
+        if any(not (stage1 / f).exists() for f in needed):
+            raise FileNotFoundError(f"model.init_from: {stage1} lacks some of {needed}; give a MiniGPT-5 stage-1 "
+                                    "output or checkpoint folder, or null to start from scratch")
+        recorded = json.loads((stage1 / "mmpeft_config.json").read_text())["mapper"]
+        if recorded != mapper_args:
+            raise ValueError(f"model.mapper {mapper_args} differs from the stage-1 mapper {recorded} in {stage1}")
+        llava = PeftModel.from_pretrained(llava, stage1 / "llava_adapter").merge_and_unload()  # voken rows
+        llava.model.multi_modal_projector.load_state_dict(load_file(stage1 / "connector.safetensors"))
+        mapper.load_state_dict(load_file(stage1 / "mapper.safetensors"))
+        log(f"voken rows, mapper and connector: from stage 1 at {stage1}")
+    else:
+        log("no stage-1 folder given (model.init_from): voken rows, mapper and connector start from scratch")
+    image_seq_length = llava.config.image_seq_length
+    rows = {name: voken_ids for name in trainable_token_targets(llava).values()}
+    llava = apply_trainability(llava, llava_parts(llava), m["trainable"], LoraSettings(**m["lora"]), token_rows=rows)
+    for part, module in mapper_parts(mapper).items():
+        module.requires_grad_(m["mapper_trainable"][part] == "full")
+    model = MiniGPT5(llava, mapper, pipeline.unet, training_scheduler(pipeline), voken_ids, empty_caption(pipeline),
+                     LossWeights(**loss["weights"]), loss["cfg_rate"], loss["snr_gamma"])
+    trainable, total = trainable_parameter_count(model)
+    log(f"model: {total:,} parameters, {trainable:,} trainable (LM {m['trainable']['llm']}, voken rows, "
+        f"mapper {m['mapper_trainable']}, qlora {m['qlora']})")
+
+    ##### data
+    encoder = ConversationEncoder(tokenizer, image_processor, chat_template(tokenizer, d["conversation_format"]),
+                                  m["image_token"], image_seq_length, d["max_length"])
+    stories = read_vist(d["train"]["path"], d["train"]["image_folder"])
+    samples = [s for sid, steps in stories.items()
+               for s in story_samples(sid, steps, d["prompts"], d["tasks"], d["history"], m["n_vokens"])]
+    latents = LatentTargets(pipeline.vae, sd_resolution(pipeline), d["target_cache"])
+    prepare_targets(latents, [im for s in samples for im in s.targets], log=log)
+    features = None
+    if d["feature_cache"]:  # the frozen tower's features of the context images, computed once
+        features = prepare_feature_cache(d["feature_cache"], [s.sample for s in samples], encoder, vision,
+                                         m["vision_feature_layer"], log=log)
+    dataset = VokenDataset(samples, encoder, voken_ids, latents, None, d["skip_bad_records"], features=features)
+    log(f"data: {len(dataset)} samples ({', '.join(d['tasks'])}) from {len(stories)} stories in "
+        f"{d['train']['path']}" + (f"; {dataset.skip_report()}" if dataset.skipped else ""))
+
+    ##### training
+    processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
+    settings = minigpt5_settings("minigpt5_stage2", preset, mapper_args, cfg, launch_record(__file__, argv))
+
+    def export(folder, is_main):
+        if is_main:
+            save_minigpt5(model, folder, processor, settings)
+
+    history = train(model, dataset, collate_vokens(tokenizer.pad_token_id), TrainConfig(**t),
+                    forward=lambda engine, batch: engine(**batch), export=export,
+                    lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log)
+
+    ##### evaluation: the last step of held-out stories, the model as saved
+    if rank == 0:
+        metrics = {k: history[-1][k] for k in history[-1] if k.endswith("loss")}
+        metrics["first_loss"] = history[0]["loss"]
+        if e["stories"]:
+            trained, _, trained_pipe, _ = load_minigpt5(t["output_dir"])
+            test = list(read_vist(e["stories"], e["image_folder"]).items())[: e["limit"]]
+            items = {task: [s for sid, steps in test for s in story_samples(
+                sid, steps, d["prompts"], [task], d["history"], m["n_vokens"], last_step_only=True)]
+                for task in ("image", "multimodal", "text")}
+            clip, clip_processor = load_clip(preset)
+            figures, generated = story_figures(trained, trained_pipe, encoder, items, clip, clip_processor,
+                                               e["guidance"], e["sampling_steps"])
+            metrics.update(figures)
+            rows = story_page_rows(trained, trained_pipe, encoder, dict(test), items, generated, d["history"],
+                                   e["guidance"], e["sampling_steps"], e["page_stories"])
+            write_story_page(Path(t["output_dir"]) / "samples" / "index.html", rows, "MiniGPT-5 on held-out stories")
+            log(describe_story_figures(figures))
+        Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        log("loss " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("loss")))
+        if dataset.skipped:
+            log(dataset.skip_report())
+        if args.push_to_hub:
+            push(t["output_dir"], args.hub_model_id, log=log)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""VIST stories and caption pairs as voken training samples."""
+
+import json
+
+import pytest
+import torch
+
+from mmpeft.data.diffusion_targets import CaptionTargets, LatentTargets, image_to_sd
+from mmpeft.data.llava import ConversationEncoder
+from mmpeft.data.stories import VokenDataset, read_vist, story_samples
+from mmpeft.data.templates import chat_template
+from mmpeft.models.llava import load_base_models
+from mmpeft.models.vokens import add_vokens
+from mmpeft.presets import load_diffusion, resolve_preset
+
+PROMPTS = {"image": "Draw: {text}", "multimodal": "Next?", "text": "Say it."}
+
+
+def _vist(small_world, split="train"):
+    return (small_world / "vist/sis" / f"{split}.story-in-sequence.json", small_world / "vist/images" / split)
+
+
+def test_stories_come_in_photo_order_with_their_images(small_world):
+    path, images = _vist(small_world)
+    stories = read_vist(path, images)
+    raw = json.loads(path.read_text())["annotations"]
+    assert len(stories) == len(raw) // 5
+    first = next(iter(stories.values()))
+    assert [s.text for s in first][0].lower() == raw[0][0]["text"]
+    assert all(s.image.exists() for steps in stories.values() for s in steps)
+
+
+def test_a_story_with_a_missing_step_is_named(small_world, tmp_path):
+    path, images = _vist(small_world)
+    data = json.loads(path.read_text())
+    data["annotations"] = data["annotations"][1:]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"bad.json: story \S+ has 4 steps, expected 5"):
+        read_vist(bad, images)
+
+
+def test_three_tasks_per_step_with_the_history_as_context(small_world):
+    sid, steps = next(iter(read_vist(*_vist(small_world)).items()))
+    samples = story_samples(sid, steps, PROMPTS, history=2)
+    assert len(samples) == 5 * 3
+    by_id = {s.sample.id: s for s in samples}
+    image, multimodal, text = (by_id[f"{sid}/3/{task}"] for task in ("image", "multimodal", "text"))
+    assert image.sample.images == [steps[1].image, steps[2].image] and image.targets == [steps[3].image]
+    assert image.sample.messages[0]["content"].endswith("Draw: " + steps[3].text)
+    assert multimodal.sample.messages[1]["content"] == steps[3].text + "".join(f"[IMG{i}]" for i in range(8))
+    assert text.targets == [] and text.sample.images[-1] == steps[3].image
+    assert text.sample.messages[1]["content"] == steps[3].text
+    assert by_id[f"{sid}/0/image"].sample.images == []  # the first step has no history
+    last = story_samples(sid, steps, PROMPTS, history=2, last_step_only=True)
+    assert {s.sample.id for s in last} == {f"{sid}/4/{t}" for t in ("image", "multimodal", "text")}
+
+
+@pytest.fixture(scope="module")
+def parts(small_zoo):
+    preset = resolve_preset("tiny", zoo_dir=small_zoo[0])
+    lm, tokenizer, _, image_processor = load_base_models(preset)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
+    voken_ids = add_vokens(tokenizer, lm)
+    return tokenizer, image_processor, voken_ids, load_diffusion(preset)
+
+
+def _encoder(parts, max_length):
+    tokenizer, image_processor, _, _ = parts
+    return ConversationEncoder(tokenizer, image_processor, chat_template(tokenizer, "tokenizer"), "<image>", 4,
+                               max_length)
+
+
+def test_vokens_cut_by_truncation_are_named_or_counted(small_world, parts):
+    sid, steps = next(iter(read_vist(*_vist(small_world)).items()))
+    samples = story_samples(sid, steps, PROMPTS, tasks=["multimodal"], history=0)
+    lengths = [len(_encoder(parts, 512).encode_text(s.sample)["input_ids"]) for s in samples]
+    cut = min(lengths) - 3  # inside the voken run of every sample
+    latents = LatentTargets(parts[3].vae, 32)
+    with pytest.raises(ValueError, match=f"record {sid}/0/multimodal: .*voken run"):
+        VokenDataset(samples, _encoder(parts, cut), parts[2], latents)
+    data = VokenDataset(samples[:1] + story_samples(sid, steps, PROMPTS, tasks=["text"], history=0),
+                        _encoder(parts, cut), parts[2], latents, skip_bad_records=True)
+    assert data.skipped == {"vokens cut or unmatched": 1} and len(data) == 5
+
+
+def test_targets_from_the_cache_equal_fresh_encodings(small_world, parts, tmp_path):
+    _, _, _, pipe = parts
+    images = sorted((small_world / "vist/images/train").glob("*.jpg"))[:5]
+    fresh = LatentTargets(pipe.vae, 32)(images)
+    cached = LatentTargets(pipe.vae, 32, tmp_path)
+    assert cached.prepare(images, log=lambda *_: None) == 5 and cached.prepare(images, log=lambda *_: None) == 0
+    assert torch.allclose(cached(images), fresh, atol=1e-6) and fresh.shape == (5, 4, 8, 8)
+    texts = ["a red circle.", "a blue square."]
+    captions = CaptionTargets(pipe.tokenizer, pipe.text_encoder, tmp_path)
+    captions.prepare(texts, log=lambda *_: None)
+    assert torch.allclose(captions(texts), CaptionTargets(pipe.tokenizer, pipe.text_encoder)(texts), atol=1e-6)
+    assert captions(texts).shape == (2, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+
+
+def test_images_are_centre_cropped_to_the_sd_size():
+    from PIL import Image
+
+    im = Image.new("RGB", (80, 40), (255, 0, 0))
+    x = image_to_sd(im, 32)
+    assert x.shape == (3, 32, 32)
+    assert torch.allclose(x[0], torch.ones(32, 32)) and torch.allclose(x[1], -torch.ones(32, 32))
