@@ -206,10 +206,11 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
         step += 1
         factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]
-        record = {"step": step, **_mean_over_ranks(sums), "lr": cfg.lr * factor}
+        # seconds: wall time since this process started training (benchmarks read step times from it)
+        record = {"step": step, **_mean_over_ranks(sums), "lr": cfg.lr * factor, "seconds": time.time() - start}
         history.append(record)
         if rank == 0 and (step % cfg.log_steps == 0 or step == cfg.max_steps or step == 1):
-            parts_text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "lr"))
+            parts_text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "lr", "seconds"))
             log(f"step {step}/{cfg.max_steps} {parts_text} lr {record['lr']:.2e} "
                 f"({(time.time() - start) / max(1, len(history)):.2f} s/step)")
         if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
