@@ -71,8 +71,10 @@ def load_lm(preset: Preset, **kwargs):
     """`(AutoModelForCausalLM, AutoTokenizer)` from the preset's LM source."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return _load(preset, "lm", AutoModelForCausalLM.from_pretrained, **kwargs), _load(
-        preset, "lm", AutoTokenizer.from_pretrained)
+    from .models.quant import keep_cpu_4bit_working
+
+    lm = keep_cpu_4bit_working(_load(preset, "lm", AutoModelForCausalLM.from_pretrained, **kwargs))
+    return lm, _load(preset, "lm", AutoTokenizer.from_pretrained)
 
 
 def load_clip(preset: Preset, **kwargs):

@@ -19,6 +19,7 @@ from .gill import GILL, DecisionHead, GillWeights, ImageInput, RetrievalHead, gi
 from .llava import add_tokens
 from .llava_io import CONFIG_FILE, quantized_like
 from .minigpt5 import VokenMapper
+from .quant import keep_cpu_4bit_working
 from .vokens import voken_names
 
 HEADS_FILE = "gill_heads.safetensors"
@@ -63,6 +64,7 @@ def load_gill(folder: str | Path, lm_source: str | None = None, base_kwargs: dic
     tokenizer = AutoTokenizer.from_pretrained(folder)
     lm = AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"], **(base_kwargs or {}),
                                               **quantized_like(settings, {}))
+    keep_cpu_4bit_working(lm)
     model = build_gill(lm, tokenizer, **settings["build"])
     if (folder / "lm_adapter").is_dir():
         model.lm = PeftModel.from_pretrained(model.lm, folder / "lm_adapter")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from .llava import add_tokens, build_llava
 from .llava_io import CONFIG_FILE, quantized_like, save_llava
 from .minigpt5 import LossWeights, MiniGPT5, VokenMapper
+from .quant import keep_cpu_4bit_working
 from .vokens import voken_names
 
 
@@ -95,6 +96,7 @@ def load_minigpt5(folder: str | Path, lm_source: str | None = None, clip_source:
     processor = LlavaProcessor.from_pretrained(folder)
     base_kwargs = base_kwargs or {}
     lm = AutoModelForCausalLM.from_pretrained(lm_source or src["lm"], **base_kwargs, **quantized_like(settings, {}))
+    keep_cpu_4bit_working(lm)
     vision = CLIPModel.from_pretrained(clip_source or src["clip"], **base_kwargs).vision_model
     safetensors = {k: v for k, v in base_kwargs.items() if k == "use_safetensors"}
     pipeline = StableDiffusionPipeline.from_pretrained(diffusion_source or src["diffusion"], safety_checker=None,
