@@ -24,6 +24,8 @@ CASES = [
     ("qlora_memory.py", "QLoRA / LoRA peak memory, SmolLM2-135M (lower is better)", "peak_ratio", None, "memory"),
     ("data_gen_batching.py", "data_gen local backend: batches of 8 / one prompt at a time", "ratio", 3.0,
      "tokens/s"),
+    ("data_gen_http.py", "data_gen HTTP backend, llama.cpp server: 8 requests in flight / one at a time", "ratio",
+     3.0, "tokens/s"),
 ]
 
 

@@ -135,18 +135,21 @@ def _retry_after(value: str | None) -> float | None:
 
 class OpenAIBackend:
     """POSTs to `{base_url}/chat/completions`. The key is read from the environment variable
-    `api_key_env` and sent only in the Authorization header; it is never logged or stored."""
+    `api_key_env` and sent only in the Authorization header; it is never logged or stored.
+    `extra_body`: fields added to every request (a server's own options, such as
+    llama.cpp's `min_tokens`); they cannot replace the fields set here."""
 
     RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
     def __init__(self, base_url: str, model: str, sampling: Sampling, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 4, timeout: float = 120.0, max_retries: int = 5, backoff: float = 1.0,
-                 max_wait: float = 60.0):
+                 max_wait: float = 60.0, extra_body: dict | None = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.name, self.kind, self.sampling = model, "openai", sampling
         self._key_env = api_key_env
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
         self.backoff, self.max_wait = backoff, max_wait
+        self.extra_body = dict(extra_body or {})
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(url={self.url!r}, model={self.name!r})"
@@ -166,8 +169,8 @@ class OpenAIBackend:
     def complete(self, request: Request) -> Reply:
         """One request with retries; transport failures end as a `Reply` with `error`."""
         s = self.sampling
-        payload = {"model": self.name, "messages": request.messages, "max_tokens": s.max_new_tokens,
-                   "temperature": s.temperature, "top_p": s.top_p, "seed": request.seed}
+        payload = {**self.extra_body, "model": self.name, "messages": request.messages,
+                   "max_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": request.seed}
         jitter = random.Random(request.seed)
         error = ""
         for attempt in range(self.max_retries + 1):

@@ -14,7 +14,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self):  # noqa: N802
-        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
         status, headers = self.server.script.pop(0) if self.server.script else (200, {})
         self.server.times.append(time.time())
         if status != 200:
@@ -35,7 +35,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.script, srv.times = [], []
+    srv.script, srv.times, srv.bodies = [], [], []
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
@@ -67,6 +67,13 @@ def test_run_returns_every_request(server):
     backend = _backend(server, concurrency=3)
     got = dict(backend.run([Request([{"role": "user", "content": str(i)}], i) for i in range(7)]))
     assert sorted(got) == list(range(7))
+
+
+def test_extra_body_goes_with_every_request_but_sets_none_of_the_backends_fields(server):
+    backend = _backend(server, extra_body={"min_tokens": 5, "max_tokens": 1, "model": "other"})
+    backend.complete(Request([{"role": "user", "content": "x"}], 1))
+    body = server.bodies[0]
+    assert body["min_tokens"] == 5 and body["max_tokens"] == Sampling().max_new_tokens and body["model"] == "m"
 
 
 def test_retry_after_forms():
