@@ -66,7 +66,8 @@ def main(argv=None):
     lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype)
     image_token_id = add_image_token(tokenizer, lm, m["image_token"])
     torch.manual_seed(t["seed"])
-    model = build_llava(vision, lm, image_token_id, m["connector"], m["vision_feature_layer"])
+    model = build_llava(vision, lm, image_token_id, m["connector"], m["vision_feature_layer"],
+                        m.get("connector_options"))
     if m["init_connector"]:
         if not (Path(m["init_connector"]) / "connector.safetensors").exists():
             raise FileNotFoundError(f"model.init_connector: {m['init_connector']} holds no connector.safetensors; "
@@ -114,7 +115,8 @@ def main(argv=None):
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
     settings = {"recipe": "llava_finetune", "launch": launch_record(__file__, argv),
                 "sources": {"lm": preset.lm, "clip": preset.clip}, **{
-        k: m[k] for k in ("connector", "image_token", "vision_feature_layer", "trainable", "qlora")}, "config": cfg}
+        k: m.get(k) for k in ("connector", "connector_options", "image_token", "vision_feature_layer", "trainable",
+                           "qlora")}, "config": cfg}
 
     def export(folder, is_main):
         if is_main:

@@ -62,7 +62,8 @@ def main(argv=None):
     lm, tokenizer, vision, image_processor = load_base_models(preset)
     image_token_id = add_image_token(tokenizer, lm, m["image_token"])
     torch.manual_seed(t["seed"])
-    model = build_llava(vision, lm, image_token_id, m["connector"], m["vision_feature_layer"])
+    model = build_llava(vision, lm, image_token_id, m["connector"], m["vision_feature_layer"],
+                        m.get("connector_options"))
     model = apply_trainability(model, llava_parts(model), m["trainable"])
     trainable, total = trainable_parameter_count(model)
     log(f"model: {total:,} parameters, {trainable:,} trainable ({m['trainable']})")
@@ -99,7 +100,8 @@ def main(argv=None):
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
     settings = {"recipe": "llava_pretrain", "launch": launch_record(__file__, argv),
                 "sources": {"lm": preset.lm, "clip": preset.clip}, **{
-        k: m[k] for k in ("connector", "image_token", "vision_feature_layer", "trainable")}, "config": cfg}
+        k: m.get(k) for k in ("connector", "connector_options", "image_token", "vision_feature_layer", "trainable")},
+        "config": cfg}
 
     def export(folder, is_main):
         if is_main:

@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 IMAGE_TOKEN = "<image>"
-CONNECTORS = ("linear", "mlp2x_gelu")
+CONNECTORS = ("linear", "mlp2x_gelu", "qformer", "perceiver_resampler")
 
 
 class LinearProjector(nn.Module):
@@ -50,18 +50,28 @@ def add_image_token(tokenizer, lm, image_token: str = IMAGE_TOKEN) -> int:
 
 
 def build_llava(vision_tower: nn.Module, lm, image_token_id: int, connector: str = "mlp2x_gelu",
-                vision_feature_layer: int = -2) -> LlavaForConditionalGeneration:
+                vision_feature_layer: int = -2, connector_options: dict | None = None) -> LlavaForConditionalGeneration:
     """A `LlavaForConditionalGeneration` around an existing CLIP vision tower (a
     `CLIPVisionModel`) and causal LM; only the connector is new (seeded by the caller).
 
     Features come from `vision_feature_layer` with the class token dropped, as in LLaVA.
+    `linear` and `mlp2x_gelu` give one LM token per patch; `qformer` and
+    `perceiver_resampler` a fixed number, set with the rest of their `connector_options`
+    (see `mmpeft.models.connectors`).
     """
+    from .connectors import RESAMPLING
+
     if connector not in CONNECTORS:
         raise ValueError(f"connector must be one of {CONNECTORS}, not '{connector}'")
+    if connector_options and connector not in RESAMPLING:
+        raise ValueError(f"connector {connector} takes no options (got {sorted(connector_options)})")
     vcfg = vision_tower.config
+    resampler = RESAMPLING[connector](vcfg.hidden_size, lm.config.hidden_size, connector_options) \
+        if connector in RESAMPLING else None
     config = LlavaConfig(
         vision_config=vcfg.to_dict(), text_config=lm.config.to_dict(), image_token_index=image_token_id,
-        image_seq_length=(vcfg.image_size // vcfg.patch_size) ** 2, projector_hidden_act="gelu",
+        image_seq_length=resampler.tokens if resampler else (vcfg.image_size // vcfg.patch_size) ** 2,
+        projector_hidden_act="gelu",
         vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
         tie_word_embeddings=getattr(lm.config, "tie_word_embeddings", False),
     )
@@ -73,10 +83,12 @@ def build_llava(vision_tower: nn.Module, lm, image_token_id: int, connector: str
     # the vision tower is never quantized, so its dtype is the one the connector should have
     dtype = next(vision_tower.parameters()).dtype
     model.model.multi_modal_projector = (
-        LlavaMultiModalProjector(config) if connector == "mlp2x_gelu"
+        resampler if resampler is not None
+        else LlavaMultiModalProjector(config) if connector == "mlp2x_gelu"
         else LinearProjector(vcfg.hidden_size, lm.config.hidden_size)
     ).to(dtype=dtype)
     model.config.mmpeft_connector = connector
+    model.config.mmpeft_connector_options = dict(connector_options or {})
     return model
 
 
@@ -127,5 +139,8 @@ def llava_forward(model, batch: dict):
 
 def llava_parts(model) -> dict[str, nn.Module]:
     """The parts whose trainability a recipe sets."""
-    return {"vision": model.model.vision_tower, "connector": model.model.multi_modal_projector,
-            "llm": model.model.language_model}
+    parts = {"vision": model.model.vision_tower, "connector": model.model.multi_modal_projector,
+             "llm": model.model.language_model}
+    if hasattr(model.model.multi_modal_projector, "projection"):  # MiniGPT-4 trains only this linear map
+        parts["projection"] = model.model.multi_modal_projector.projection
+    return parts

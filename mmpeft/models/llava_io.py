@@ -13,6 +13,7 @@ that loads any of them back.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
@@ -31,6 +32,18 @@ def _lm_view(peft_model, lm_prefix: str, base_prefix: str) -> tuple[dict, list[s
     return renamed, targets
 
 
+def connector_state(projector) -> dict:
+    """The connector's tensors under its own names, also where PEFT wraps it or a part of it
+    (`modules_to_save`): the trained copy, never the original beside it."""
+    state = {}
+    for k, v in projector.state_dict().items():
+        if k.startswith("original_module.") or ".original_module." in k:
+            continue
+        k = re.sub(r"(^|\.)modules_to_save\.default\.", r"\1", k)
+        state[k] = v.detach().cpu().contiguous()
+    return state
+
+
 def save_llava(model, folder: str | Path, processor, settings: dict) -> None:
     """Write the files above for `model` (a `LlavaForConditionalGeneration`, PEFT-wrapped
     or not). `settings` must hold `sources` and what `load_llava` needs to rebuild."""
@@ -38,11 +51,7 @@ def save_llava(model, folder: str | Path, processor, settings: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     is_peft = isinstance(model, PeftModel)
     llava = model.base_model.model if is_peft else model
-    projector = llava.model.multi_modal_projector
-    if is_peft and hasattr(projector, "modules_to_save"):
-        projector = projector.modules_to_save["default"]
-    save_file({k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()},
-              folder / "connector.safetensors")
+    save_file(connector_state(llava.model.multi_modal_projector), folder / "connector.safetensors")
     if is_peft:
         # new token rows are rebuilt at load (mean of the old); trained ones travel as PEFT trainable tokens
         model.save_pretrained(folder / "llava_adapter", save_embedding_layers=False)
@@ -82,6 +91,7 @@ def load_llava(folder: str | Path, lm_source: str | None = None, clip_source: st
     from transformers import AutoModel, AutoModelForCausalLM, CLIPModel, LlavaProcessor
 
     from .llava import add_tokens, build_llava
+    from .quant import keep_cpu_4bit_working
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).exists():
@@ -92,13 +102,15 @@ def load_llava(folder: str | Path, lm_source: str | None = None, clip_source: st
     load_kwargs = quantized_like(settings, load_kwargs)
     base_kwargs = base_kwargs or {}
     lm = AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"], **base_kwargs, **load_kwargs)
+    keep_cpu_4bit_working(lm)
     tokenizer = processor.tokenizer
     add_tokens(tokenizer, lm, [settings["image_token"]])
     if lm_path is not None:  # the LM was fully fine-tuned: its trained body replaces the base's
         lm.base_model.load_state_dict(AutoModel.from_pretrained(lm_path, **base_kwargs).state_dict())
     clip = CLIPModel.from_pretrained(clip_source or settings["sources"]["clip"], **base_kwargs)
     model = build_llava(clip.vision_model, lm, tokenizer.convert_tokens_to_ids(settings["image_token"]),
-                        settings["connector"], settings.get("vision_feature_layer", -2))
+                        settings["connector"], settings.get("vision_feature_layer", -2),
+                        settings.get("connector_options"))
     model.model.multi_modal_projector.load_state_dict(load_file(folder / "connector.safetensors"))
     if (folder / "llava_adapter").is_dir():
         model = PeftModel.from_pretrained(model, folder / "llava_adapter")

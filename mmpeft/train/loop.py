@@ -182,6 +182,7 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
     if rank == 0 and sampler.repeated:
         log(f"{sampler.repeated} sample(s) repeated to fill the last batch of each modality")
     engine.train()
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
     start, device = time.time(), engine.device
     while step < cfg.max_steps:
         sums: dict[str, float] = {}
@@ -200,7 +201,12 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
             if tokens is not None:
                 batch["num_items_in_batch"] = tokens
             parts = forward(engine, batch)
-            engine.backward(parts["loss"])
+            loss = parts["loss"]
+            if not loss.requires_grad:
+                # the batch reaches no trainable weight (text only, with only the connector training):
+                # it still passes through backward and step with zero gradients, as the other ranks do
+                loss = loss + sum(0.0 * p.sum() for p in trainable)
+            engine.backward(loss)
             engine.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum

@@ -40,7 +40,7 @@ def test_linear_connector_is_one_layer(parts):
     model, _ = _llava(parts, "linear")
     assert [type(m).__name__ for m in model.model.multi_modal_projector.children()] == ["Linear"]
     with pytest.raises(ValueError, match="connector must be one of"):
-        _llava(parts, "qformer")
+        _llava(parts, "resampler")
 
 
 def test_lora_on_the_llm_with_the_connector_fully_trained(parts):
