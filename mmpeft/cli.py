@@ -4,6 +4,8 @@
     mmpeft zoo        build the world and the tiny model zoo, print the zoo's figures
     mmpeft pipeline   everything on the built-in default (world, zoo, data_gen, LLaVA stages 1
                       and 2, MiniGPT-5 stages 1 and 2, GILL), printing each part's figures
+    mmpeft connectors LLaVA stages 1 and 2 with the qformer, perceiver_resampler and MiniGPT-4
+                      connectors, their held-out accuracy beside the mlp2x_gelu baseline's
     mmpeft push OUTPUT_DIR --repo-id user/name [--private] [--revision R] [--dry-run]
                       push a finished run or checkpoint to the Hub with a model card
     mmpeft export OUTPUT_DIR EXPORT_DIR
@@ -135,6 +137,35 @@ def run_recipes(out: Path, cache: Path) -> None:
     print_table("Recipes on the tiny preset:", rows)
 
 
+CONNECTORS = [  # (name, config suffix, what it is): LLaVA's two stages with each connector, same data
+    ("mlp2x_gelu", "", "LLaVA-1.5's MLP, the baseline"),
+    ("qformer", "_qformer", "BLIP-2's Q-Former"),
+    ("perceiver_resampler", "_resampler", "Flamingo's Perceiver Resampler"),
+    ("minigpt4", "_minigpt4", "MiniGPT-4: Q-Former, only its projection trains, LM frozen"),
+]
+
+
+def run_connectors(out: Path, cache: Path) -> None:
+    """LLaVA stages 1 and 2 with each connector on the tiny preset, then their held-out
+    answer accuracy next to chance and to the `mlp2x_gelu` baseline."""
+    repo = Path(__file__).resolve().parents[1]
+    results = {}
+    for name, suffix, _ in CONNECTORS:
+        pre, fin = out / f"llava_pretrain{suffix}_tiny", out / f"llava_finetune{suffix}_tiny"
+        for script, folder, extra in (("llava_pretrain", pre, []),
+                                      ("llava_finetune", fin, [f"model.init_connector={pre}"])):
+            cmd = [sys.executable, str(repo / "recipes" / f"{script}.py"), "--config",
+                   str(repo / "recipes" / "configs" / f"{script}{suffix}_tiny.yaml"), f"training.output_dir={folder}",
+                   f"tiny.cache={cache}", *extra]
+            print(f"\n$ {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, check=True, cwd=repo)
+        results[name] = json.loads((fin / "metrics.json").read_text())
+    base = results["mlp2x_gelu"]["answer_accuracy_after"]
+    print_table("LLaVA stage 2 with each connector, held-out answer accuracy:", [
+        (name, what, results[name]["answer_accuracy_after"],
+         f"chance {results[name]['chance']:.3f}, mlp2x_gelu {base:.3f}") for name, _, what in CONNECTORS])
+
+
 def _push(args) -> int:
     from .hub import PushError, push
 
@@ -159,12 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmpeft", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("world", "build the tiny world"), ("zoo", "build the tiny world and zoo"),
-                       ("pipeline", "run the whole tiny pipeline")):
+                       ("pipeline", "run the whole tiny pipeline"),
+                       ("connectors", "LLaVA's stages with each connector, against the mlp2x_gelu baseline")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--cache", help="folder for worlds and zoos (default $MMPEFT_CACHE or ~/.cache/mmpeft)")
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--workers", type=int, default=2, help="processes that train zoo parts side by side")
-        sub.add_argument("--output", default="outputs", help="folder for the recipes' runs (pipeline)")
+        sub.add_argument("--output", default="outputs", help="folder for the recipes' runs (pipeline, connectors)")
     sub = commands.add_parser("push", help="push a run or checkpoint folder to the Hugging Face Hub")
     sub.add_argument("folder")
     sub.add_argument("--repo-id", required=True, help="user/name or org/name")
@@ -196,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table("Tiny zoo, scored on the world's test split:", zoo_figures(records))
     if args.command == "pipeline":
         run_recipes(Path(args.output), cache)
+    if args.command == "connectors":
+        run_connectors(Path(args.output), cache)
     print(f"\ndone in {time.time() - start:.0f} s")
     return 0
 

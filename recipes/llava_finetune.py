@@ -112,7 +112,8 @@ def main(argv=None):
     before = answer_accuracy(model, encoder, questions) if rank == 0 and questions else None
 
     ##### training
-    processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
+    processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"],
+                                model.config.image_seq_length)
     settings = {"recipe": "llava_finetune", "launch": launch_record(__file__, argv),
                 "sources": {"lm": preset.lm, "clip": preset.clip}, **{
         k: m.get(k) for k in ("connector", "connector_options", "image_token", "vision_feature_layer", "trainable",

@@ -92,11 +92,17 @@ def build_llava(vision_tower: nn.Module, lm, image_token_id: int, connector: str
     return model
 
 
-def llava_processor(image_processor, tokenizer, vision_config, image_token: str = IMAGE_TOKEN) -> LlavaProcessor:
-    """The `LlavaProcessor` that inference and export use (it expands `<image>` itself)."""
+def llava_processor(image_processor, tokenizer, vision_config, image_token: str = IMAGE_TOKEN,
+                    image_tokens: int | None = None) -> LlavaProcessor:
+    """The `LlavaProcessor` that inference and export use (it expands `<image>` itself).
+    `image_tokens`: the connector's fixed token count (`qformer`, `perceiver_resampler`);
+    CLIP's processor gives every image the tower's size, so the processor's count of
+    patches plus its `num_additional_image_tokens` is set to come out at that number."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    extra = 1 if image_tokens is None else image_tokens - patches + 1  # "default" drops one (the class token)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
                           vision_feature_select_strategy="default", image_token=image_token,
-                          num_additional_image_tokens=1)
+                          num_additional_image_tokens=extra)
 
 
 def load_base_models(preset, qlora: bool = False, dtype: torch.dtype = torch.float32):

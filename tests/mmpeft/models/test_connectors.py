@@ -1,9 +1,10 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from PIL import Image
 
 from mmpeft.models.connectors import PerceiverResampler, QFormerConnector
-from mmpeft.models.llava import add_image_token, build_llava, llava_parts
+from mmpeft.models.llava import add_image_token, build_llava, llava_parts, llava_processor
 from mmpeft.models.llava_io import connector_state
 from mmpeft.models.trainable import apply_trainability
 from mmpeft.presets import load_clip, load_lm, resolve_preset
@@ -45,14 +46,14 @@ def test_unknown_option_is_named_with_the_options_there_are():
 def parts(small_zoo):
     preset = resolve_preset("tiny", zoo_dir=small_zoo[0])
     lm, tokenizer = load_lm(preset)
-    clip, _ = load_clip(preset)
-    return lm, tokenizer, clip
+    clip, processor = load_clip(preset)
+    return lm, tokenizer, clip, processor.image_processor
 
 
 @pytest.mark.parametrize("connector,options,tokens", [("qformer", SMALL_QFORMER, 8),
                                                       ("perceiver_resampler", SMALL_RESAMPLER, 6)])
 def test_llava_with_a_resampling_connector_expects_its_token_count(parts, connector, options, tokens):
-    lm, tokenizer, clip = parts
+    lm, tokenizer, clip, image_processor = parts
     image_id = add_image_token(tokenizer, lm)
     torch.manual_seed(0)
     model = build_llava(clip.vision_model, lm, image_id, connector, -2, options)
@@ -62,12 +63,17 @@ def test_llava_with_a_resampling_connector_expects_its_token_count(parts, connec
     out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 64), labels=ids)
     out.loss.backward()
     assert model.model.multi_modal_projector.projection.weight.grad.abs().sum() > 0
+    # the saved processor writes as many placeholders as the connector gives tokens
+    processor = llava_processor(image_processor, tokenizer, clip.vision_model.config, image_tokens=tokens)
+    inputs = processor(images=Image.new("RGB", (40, 30), "red"), text="<image>Red.", return_tensors="pt")
+    assert (inputs["input_ids"] == image_id).sum() == tokens
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
     with pytest.raises(ValueError, match="takes no options"):
         build_llava(clip.vision_model, lm, image_id, "mlp2x_gelu", -2, {"queries": 4})
 
 
 def test_minigpt4_setting_trains_only_the_projection_and_peft_saves_it_under_its_own_names(parts):
-    lm, tokenizer, clip = parts
+    lm, tokenizer, clip, image_processor = parts
     torch.manual_seed(0)
     model = build_llava(clip.vision_model, lm, add_image_token(tokenizer, lm), "qformer", -2, SMALL_QFORMER)
     plain = connector_state(model.model.multi_modal_projector)
