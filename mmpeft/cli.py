@@ -5,7 +5,7 @@
     mmpeft pipeline   everything on the built-in default (world, zoo, data_gen, LLaVA stages 1
                       and 2, MiniGPT-5 stages 1 and 2, GILL), printing each part's figures
     mmpeft connectors LLaVA stages 1 and 2 with the qformer, perceiver_resampler and MiniGPT-4
-                      connectors, their held-out accuracy beside the mlp2x_gelu baseline's
+                      connectors, and Flamingo's fusion, beside the mlp2x_gelu baseline
     mmpeft push OUTPUT_DIR --repo-id user/name [--private] [--revision R] [--dry-run]
                       push a finished run or checkpoint to the Hub with a model card
     mmpeft export OUTPUT_DIR EXPORT_DIR
@@ -137,33 +137,38 @@ def run_recipes(out: Path, cache: Path) -> None:
     print_table("Recipes on the tiny preset:", rows)
 
 
-CONNECTORS = [  # (name, config suffix, what it is): LLaVA's two stages with each connector, same data
-    ("mlp2x_gelu", "", "LLaVA-1.5's MLP, the baseline"),
-    ("qformer", "_qformer", "BLIP-2's Q-Former"),
-    ("perceiver_resampler", "_resampler", "Flamingo's Perceiver Resampler"),
-    ("minigpt4", "_minigpt4", "MiniGPT-4: Q-Former, only its projection trains, LM frozen"),
+def _llava_stages(suffix: str) -> list:
+    stage1 = f"llava_pretrain{suffix}_tiny"
+    return [("llava_pretrain", stage1, []),
+            ("llava_finetune", f"llava_finetune{suffix}_tiny", [f"model.init_connector={{out}}/{stage1}"])]
+
+
+CONNECTORS = [  # (name, what it is, [(script, config and output folder, overrides)]): same data and questions
+    ("mlp2x_gelu", "LLaVA-1.5's MLP, the baseline", _llava_stages("")),
+    ("qformer", "BLIP-2's Q-Former", _llava_stages("_qformer")),
+    ("perceiver_resampler", "Flamingo's Perceiver Resampler", _llava_stages("_resampler")),
+    ("minigpt4", "MiniGPT-4: Q-Former, only its projection trains, LM frozen", _llava_stages("_minigpt4")),
+    ("gated_xattn", "Flamingo: resampler + gated cross-attention, LM frozen", [("flamingo", "flamingo_tiny", [])]),
 ]
 
 
 def run_connectors(out: Path, cache: Path) -> None:
-    """LLaVA stages 1 and 2 with each connector on the tiny preset, then their held-out
-    answer accuracy next to chance and to the `mlp2x_gelu` baseline."""
+    """LLaVA stages 1 and 2 with each connector, and Flamingo's fusion, on the tiny preset;
+    then their held-out answer accuracy next to chance and to the `mlp2x_gelu` baseline."""
     repo = Path(__file__).resolve().parents[1]
     results = {}
-    for name, suffix, _ in CONNECTORS:
-        pre, fin = out / f"llava_pretrain{suffix}_tiny", out / f"llava_finetune{suffix}_tiny"
-        for script, folder, extra in (("llava_pretrain", pre, []),
-                                      ("llava_finetune", fin, [f"model.init_connector={pre}"])):
+    for name, _, runs in CONNECTORS:
+        for script, run, extra in runs:
             cmd = [sys.executable, str(repo / "recipes" / f"{script}.py"), "--config",
-                   str(repo / "recipes" / "configs" / f"{script}{suffix}_tiny.yaml"), f"training.output_dir={folder}",
-                   f"tiny.cache={cache}", *extra]
+                   str(repo / "recipes" / "configs" / f"{run}.yaml"), f"training.output_dir={out / run}",
+                   f"tiny.cache={cache}", *[e.format(out=out) for e in extra]]
             print(f"\n$ {' '.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, check=True, cwd=repo)
-        results[name] = json.loads((fin / "metrics.json").read_text())
+        results[name] = json.loads((out / runs[-1][1] / "metrics.json").read_text())
     base = results["mlp2x_gelu"]["answer_accuracy_after"]
-    print_table("LLaVA stage 2 with each connector, held-out answer accuracy:", [
+    print_table("Held-out answer accuracy with each connector (LLaVA stages 1 and 2, or Flamingo):", [
         (name, what, results[name]["answer_accuracy_after"],
-         f"chance {results[name]['chance']:.3f}, mlp2x_gelu {base:.3f}") for name, _, what in CONNECTORS])
+         f"chance {results[name]['chance']:.3f}, mlp2x_gelu {base:.3f}") for name, what, _ in CONNECTORS])
 
 
 def _push(args) -> int:

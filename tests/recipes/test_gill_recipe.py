@@ -36,7 +36,7 @@ def test_writes_its_files_and_logs_every_loss_part(run):
     assert {p.name for p in out.iterdir()} == FILES | {"checkpoint-2", "checkpoint-4", "metrics.json", "index"}
     assert {p.name for p in (out / "checkpoint-2").iterdir()} == FILES | {"ds", "rng_rank0.pt", "trainer_state.json"}
     history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["history"]
-    assert set(history[0]) == {"step", "lr", "loss", "caption_loss", "image_lm_loss", "retrieval_loss",
+    assert set(history[0]) == {"step", "lr", "seconds", "loss", "caption_loss", "image_lm_loss", "retrieval_loss",
                                "generation_loss"}
     for h in history:
         parts = h["caption_loss"] + 0.5 * h["image_lm_loss"] + h["retrieval_loss"] + h["generation_loss"]

@@ -57,7 +57,7 @@ def test_stage1_trains_voken_rows_and_mapper_and_logs_each_loss(stage1, small_zo
     assert {p.name for p in out.iterdir()} == EXPORT | {"checkpoint-2", "checkpoint-4", "metrics.json"}
     assert {p.name for p in (out / "checkpoint-2").iterdir()} == EXPORT | CHECKPOINT | {"rng_rank0.pt"}
     history = _history(out / "checkpoint-4")
-    assert set(history[0]) == {"step", "loss", "text_loss", "image_loss", "caption_loss", "lr"}
+    assert set(history[0]) == {"step", "loss", "text_loss", "image_loss", "caption_loss", "lr", "seconds"}
     for h in history:
         assert abs(h["loss"] - (0.01 * h["text_loss"] + h["image_loss"] + 0.1 * h["caption_loss"])) < 1e-5
     assert history[-1]["text_loss"] < history[0]["text_loss"]  # the voken rows learn to be emitted
@@ -82,7 +82,7 @@ def test_stage2_on_two_ranks_under_zero3_starts_from_stage1(stage2, stage1):
                                                         "checkpoint-2", "checkpoint-4", "metrics.json", "samples"}
     assert {p.name for p in (out / "checkpoint-4").iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "mapper.safetensors"}
     history = _history(out / "checkpoint-4")
-    assert set(history[0]) == {"step", "loss", "text_loss", "image_loss", "lr"}
+    assert set(history[0]) == {"step", "loss", "text_loss", "image_loss", "lr", "seconds"}
     assert history[-1]["text_loss"] < history[0]["text_loss"]
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("voken_emission_where_image", "clip_image_similarity", "clip_image_similarity_shuffled",

@@ -1,0 +1,121 @@
+"""Flamingo-style fusion: a frozen causal LM reads images through a Perceiver Resampler and
+gated cross-attention layers inserted before its decoder layers; only those two train.
+
+    deepspeed recipes/flamingo.py                                        # tiny preset, tiny world, CPU
+    deepspeed recipes/flamingo.py model.xattn_options.every=2 training.max_steps=300
+    python recipes/flamingo.py --resume latest                           # continue a killed run
+
+Trains: the resampler and the gated cross-attention layers (gates start at 0, so the
+model starts as the frozen LM). Frozen: vision tower, LM. Each `<image>` stays one token;
+text after it reads that image's visual tokens. Same data, chat template and held-out
+questions as LLaVA stage 2 (`recipes/llava_finetune.py`), so its accuracy compares with
+LLaVA's. Writes to `training.output_dir`: `flamingo.safetensors`, the tokenizer and image
+processor, `mmpeft_config.json`, `checkpoint-{step}/` (the same files plus the resumable
+engine state), `metrics.json`.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from mmpeft.data.dataset import ConversationDataset, collate_conversations
+from mmpeft.data.feature_cache import prepare_feature_cache
+from mmpeft.data.llava import ConversationEncoder, read_llava_json
+from mmpeft.data.templates import chat_template
+from mmpeft.eval.answers import answer_accuracy, read_questions
+from mmpeft.models.flamingo import FlamingoLM, load_flamingo, save_flamingo
+from mmpeft.models.llava import add_image_token, load_base_models
+from mmpeft.models.trainable import trainable_parameter_count
+from mmpeft.presets import resolve_preset
+from mmpeft.tiny import launch_record, start_run
+from mmpeft.train.loop import TrainConfig, train
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "flamingo_tiny.yaml"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = parser.parse_args(argv)
+    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ)
+    m, d, t = cfg["model"], cfg["data"], cfg["training"]
+
+    ##### model
+    preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
+    dtype = torch.bfloat16 if t.get("bf16") else torch.float32
+    lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype)
+    image_token_id = add_image_token(tokenizer, lm, m["image_token"])
+    torch.manual_seed(t["seed"])
+    model = FlamingoLM(lm, vision, image_token_id, m["vision_feature_layer"], m["resampler_options"],
+                       m["xattn_options"])
+    model.requires_grad_(False)
+    for part in model.trainable_parts().values():
+        part.to(dtype=dtype).requires_grad_(True)
+    trainable, total = trainable_parameter_count(model)
+    log(f"model: {total:,} parameters, {trainable:,} trainable (resampler and {len(model.xattn)} gated "
+        f"cross-attention layers, before decoder layers {model.xattn_at}; qlora {m['qlora']})")
+
+    ##### data
+    # one token per image: the visual tokens reach the text through cross-attention, not the sequence
+    encoder = ConversationEncoder(tokenizer, image_processor, chat_template(tokenizer, d["conversation_format"]),
+                                  m["image_token"], 1, d["max_length"], d["pad_to_square"])
+    if d["train"]["format"] != "llava_json":
+        raise ValueError(f"data.train.format: this recipe reads llava_json, not {d['train']['format']!r}")
+    samples = read_llava_json(d["train"]["path"], d["train"]["image_folder"])
+    features = None
+    if d["feature_cache"]:  # the tower is frozen: its output is the same every epoch (shared with LLaVA's cache)
+        features = prepare_feature_cache(d["feature_cache"], samples, encoder, vision, m["vision_feature_layer"],
+                                         log=log)
+    dataset = ConversationDataset(samples, encoder, d["skip_bad_records"], features=features)
+    log(f"data: {len(dataset)} conversations from {d['train']['path']}" + (f"; {dataset.skip_report()}"
+                                                                          if dataset.skipped else ""))
+
+    ##### evaluation before training
+    e = cfg["eval"]
+    questions = read_questions(e["questions"], e["image_folder"], e["limit"]) if e["questions"] else []
+    before = answer_accuracy(model, encoder, questions) if rank == 0 and questions else None
+
+    ##### training
+    settings = {"recipe": "flamingo", "launch": launch_record(__file__, argv),
+                "sources": {"lm": preset.lm, "clip": preset.clip}, **{
+        k: m[k] for k in ("image_token", "vision_feature_layer", "resampler_options", "xattn_options", "qlora")},
+        "config": cfg}
+
+    def export(folder, is_main):
+        if is_main:
+            save_flamingo(model, folder, tokenizer, image_processor, settings)
+
+    history = train(model, dataset, collate_conversations(tokenizer.pad_token_id), TrainConfig(**t),
+                    forward=lambda engine, batch: {"loss": engine(**{k: v for k, v in batch.items()
+                                                                     if k != "id"}).loss},
+                    export=export, lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume,
+                    log=log)
+
+    ##### evaluation after training
+    if rank == 0:
+        metrics = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "skipped": dict(dataset.skipped),
+                   "gates": [round(torch.tanh(b.attn_gate).item(), 4) for b in model.xattn]}
+        summary = f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}; tanh(attention gates) " \
+                  f"{metrics['gates']}"
+        if questions:  # the model as saved, rebuilt from the output folder
+            trained = load_flamingo(t["output_dir"])[0]
+            after = answer_accuracy(trained, encoder, questions)
+            metrics.update(answer_accuracy_before=before["accuracy"], answer_accuracy_after=after["accuracy"],
+                           chance=after["chance"], by_type_after=after["by_type"])
+            summary += (f"; answer accuracy on {after['questions']} held-out questions: {before['accuracy']:.3f} "
+                        f"before, {after['accuracy']:.3f} after (chance {after['chance']:.3f}); by type "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in after["by_type"].items()))
+        Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        log(summary)
+        if dataset.skipped:
+            log(dataset.skip_report())
+
+
+if __name__ == "__main__":
+    main()
