@@ -25,7 +25,7 @@ from mmpeft.data.dataset import ConversationDataset, collate_conversations
 from mmpeft.data.feature_cache import prepare_feature_cache
 from mmpeft.data.llava import ConversationEncoder, read_caption_jsonl, read_caption_shards, read_llava_json
 from mmpeft.data.templates import chat_template
-from mmpeft.eval.answers import answer_accuracy, read_questions
+from mmpeft.eval.answers import answer_accuracy, before_and_after, read_questions
 from mmpeft.hub import push
 from mmpeft.models.llava import (
     add_image_token,
@@ -118,12 +118,9 @@ def main(argv=None):
         summary = f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}"
         if questions:  # the model as saved, rebuilt from the output folder (free of ZeRO-3's partitioning)
             trained, _, _ = load_llava(t["output_dir"])
-            after = answer_accuracy(trained, qa_encoder, questions)
-            metrics.update(answer_accuracy_before=before["accuracy"], answer_accuracy_after=after["accuracy"],
-                           chance=after["chance"], by_type_after=after["by_type"])
-            summary += (f"; answer accuracy on {after['questions']} held-out questions: {before['accuracy']:.3f} "
-                        f"before, {after['accuracy']:.3f} after (chance {after['chance']:.3f}); by type "
-                        + ", ".join(f"{k} {v:.2f}" for k, v in after["by_type"].items()))
+            figures, text = before_and_after(before, answer_accuracy(trained, qa_encoder, questions))
+            metrics.update(figures)
+            summary += "; " + text
         Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         log(summary)
         if dataset.skipped:

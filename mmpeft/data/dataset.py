@@ -79,19 +79,24 @@ def _check_image(image, record_id: str) -> None:
         raise BadRecord(record_id, f"cannot read image {image}: {err}", "bad image") from err
 
 
+def pad_tokens(rows: list[dict], pad_id: int) -> dict:
+    """`input_ids`, `labels` and `attention_mask` of `rows`, right-padded (labels with -100)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[k, :n], labels[k, :n], mask[k, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
 def collate_conversations(pad_id: int):
     """A collate function: right padding, labels padded with -100, the batch's images (or
     cached image features) stacked in sample order (text-only samples add none)."""
 
     def collate(rows: list[dict]) -> dict:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[k, :n], labels[k, :n], mask[k, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch = pad_tokens(rows, pad_id)
         for key in ("pixel_values", "image_features"):
             images = [r[key] for r in rows if r.get(key) is not None]
             if images:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from .dataset import pad_tokens
 from .llava import open_image
 
 VECTORS, TEXTS = "vectors.safetensors", "texts.jsonl"
@@ -100,14 +101,7 @@ def collate_embedding_texts(pad_id: int):
     """Right padding; labels padded with -100; the vectors in and out stacked in row order."""
 
     def collate(rows: list[dict]) -> dict:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[k, :n], labels[k, :n], mask[k, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch = pad_tokens(rows, pad_id)
         for key, name in (("vector_in", "vectors_in"), ("vector_out", "vectors_out")):
             found = [r[key] for r in rows if key in r]
             if found:

@@ -59,3 +59,14 @@ def answer_accuracy(model, encoder: ConversationEncoder, rows: list[dict], batch
         "by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
         "examples": answers,
     }
+
+
+def before_and_after(before: dict, after: dict) -> tuple[dict, str]:
+    """The metrics of `answer_accuracy` run before and after training, and the line that
+    reports them."""
+    metrics = {"answer_accuracy_before": before["accuracy"], "answer_accuracy_after": after["accuracy"],
+               "chance": after["chance"], "by_type_after": after["by_type"]}
+    text = (f"answer accuracy on {after['questions']} held-out questions: {before['accuracy']:.3f} before, "
+            f"{after['accuracy']:.3f} after (chance {after['chance']:.3f}); by type "
+            + ", ".join(f"{k} {v:.2f}" for k, v in after["by_type"].items()))
+    return metrics, text
