@@ -27,14 +27,19 @@ LEFT_OUT = {  # top-level entries never shared, with the reason a dry run prints
     "README.md": "replaced by the generated model card",
 }
 FAMILIES = {"llava_pretrain": "llava", "llava_finetune": "llava", "minigpt5_stage1": "minigpt5",
-            "minigpt5_stage2": "minigpt5", "gill": "gill"}
-PIPELINE_TAGS = {"llava": "image-text-to-text", "minigpt5": "any-to-any", "gill": "any-to-any"}
+            "minigpt5_stage2": "minigpt5", "gill": "gill", "flamingo": "flamingo", "general_gpt": "general_gpt"}
+PIPELINE_TAGS = {"llava": "image-text-to-text", "minigpt5": "any-to-any", "gill": "any-to-any",
+                 "flamingo": "image-text-to-text", "general_gpt": "text-generation"}
 DESCRIPTIONS = {
     "llava": "a LLaVA-style vision-language model (CLIP vision tower, connector, causal LM)",
     "minigpt5": "a MiniGPT-5 model: a LLaVA-style LM that emits generative vokens, mapped into Stable "
                 "Diffusion's text-condition space",
     "gill": "a GILL model: [IMG] tokens on a causal LM with a retrieval head, a generation mapper into "
             "Stable Diffusion's text-condition space and a retrieve-or-generate decision head",
+    "flamingo": "a Flamingo-style model: a frozen causal LM reading images through a Perceiver Resampler and "
+                "gated cross-attention layers",
+    "general_gpt": "a General-GPT model: a causal LM that takes precomputed vectors in at <emb> and regresses "
+                   "them at [CLIP OUT]",
 }
 # metrics.json keys that go into the card's model-index: (key, metric type, task, what it is)
 CARD_METRICS = {
@@ -46,6 +51,10 @@ CARD_METRICS = {
                          "vokens emitted where the story's next image belongs"),
                         ("clip_image_similarity", "cosine_similarity", "text-to-image",
                          "CLIP similarity of generated and true last story images")],
+    "flamingo": [("answer_accuracy_after", "accuracy", "visual-question-answering",
+                  "answer accuracy on held-out questions")],
+    "general_gpt": [("recall_at_1", "recall", "feature-extraction", "retrieval recall@1 from [CLIP OUT]"),
+                    ("caption_word_f1", "f1", "text-generation", "word F1 of captions generated from vectors")],
     "gill": [("recall_at_1", "recall", "text-to-image", "text-to-image recall@1 from the [IMG] tokens"),
              ("recall_at_5", "recall", "text-to-image", "text-to-image recall@5 from the [IMG] tokens"),
              ("clip_image_similarity", "cosine_similarity", "text-to-image",

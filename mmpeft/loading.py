@@ -15,8 +15,9 @@ DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
 
 @dataclass
 class Loaded:
-    """A rebuilt run: `model` (eval mode), `processor` (a `LlavaProcessor`, or the
-    tokenizer for GILL), the run's `settings`, and Stable Diffusion's `pipeline` for
+    """A rebuilt run: `model` (eval mode), `processor` (a `LlavaProcessor`; the tokenizer
+    for GILL and General-GPT; for Flamingo an object with `tokenizer` and
+    `image_processor`), the run's `settings`, and Stable Diffusion's `pipeline` for
     MiniGPT-5 (GILL's recipes load their pipeline from `settings['sources']`)."""
 
     model: Any
@@ -71,5 +72,18 @@ def load(source: str | Path, revision: str | None = None, lm: str | None = None,
         from .models.gill_io import load_gill
 
         model, tokenizer, settings = load_gill(folder, lm, base_kwargs=bases)
+        return Loaded(model, tokenizer, settings, folder=folder)
+    if recipe == "flamingo":
+        from types import SimpleNamespace
+
+        from .models.flamingo import load_flamingo
+
+        model, tokenizer, image_processor, settings = load_flamingo(folder, lm, clip, base_kwargs=bases)
+        return Loaded(model, SimpleNamespace(tokenizer=tokenizer, image_processor=image_processor), settings,
+                      folder=folder)
+    if recipe == "general_gpt":
+        from .models.general_gpt import load_general_gpt
+
+        model, tokenizer, settings = load_general_gpt(folder, lm, base_kwargs=bases)
         return Loaded(model, tokenizer, settings, folder=folder)
     raise ValueError(f"{folder / CONFIG_FILE}: unknown recipe {recipe!r}")

@@ -4,6 +4,7 @@ gated cross-attention layers inserted before its decoder layers; only those two 
     deepspeed recipes/flamingo.py                                        # tiny preset, tiny world, CPU
     deepspeed recipes/flamingo.py model.xattn_options.every=2 training.max_steps=300
     python recipes/flamingo.py --resume latest                           # continue a killed run
+    deepspeed recipes/flamingo.py --push_to_hub --hub_model_id you/flamingo  # push when the run ends
 
 Trains: the resampler and the gated cross-attention layers (gates start at 0, so the
 model starts as the frozen LM). Frozen: vision tower, LM. Each `<image>` stays one token;
@@ -26,6 +27,7 @@ from mmpeft.data.feature_cache import prepare_feature_cache
 from mmpeft.data.llava import ConversationEncoder, read_llava_json
 from mmpeft.data.templates import chat_template
 from mmpeft.eval.answers import answer_accuracy, before_and_after, read_questions
+from mmpeft.hub import push
 from mmpeft.models.flamingo import FlamingoLM, load_flamingo, save_flamingo
 from mmpeft.models.llava import add_image_token, load_base_models
 from mmpeft.models.trainable import trainable_parameter_count
@@ -41,9 +43,12 @@ def main(argv=None):
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("--push_to_hub", action="store_true", help="push the output folder to the Hub at the end")
+    parser.add_argument("--hub_model_id", help="user/name to push to")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = parser.parse_args(argv)
-    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ)
+    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ,
+                                    push_to=(args.hub_model_id or "") if args.push_to_hub else None)
     m, d, t = cfg["model"], cfg["data"], cfg["training"]
 
     ##### model
@@ -112,6 +117,8 @@ def main(argv=None):
         log(summary)
         if dataset.skipped:
             log(dataset.skip_report())
+        if args.push_to_hub:
+            push(t["output_dir"], args.hub_model_id, log=log)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ neighbour), plus the LM loss.
     deepspeed recipes/general_gpt.py                                     # tiny preset, tiny world, CPU
     deepspeed recipes/general_gpt.py data.train.embeddings=my_set/ eval.test.embeddings=my_test_set/
     deepspeed recipes/general_gpt.py 'data.tasks=[sentence]' data.train.embeddings=sentence_vectors/
+    deepspeed recipes/general_gpt.py --push_to_hub --hub_model_id you/general-gpt   # push when the run ends
 
 Vectors come from any encoder as an embedding set (`mmpeft/data/embeddings.py`: a
 `vectors.safetensors` and a `texts.jsonl` of `{"text", "row"}`). With no set given, the
@@ -31,6 +32,7 @@ from mmpeft.data.embeddings import (
 )
 from mmpeft.data.llava import read_caption_jsonl, read_caption_shards
 from mmpeft.eval.general_gpt import caption_figures, retrieval_figures
+from mmpeft.hub import push
 from mmpeft.models.general_gpt import (
     GeneralGPT,
     add_general_gpt_tokens,
@@ -67,9 +69,12 @@ def main(argv=None):
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("--push_to_hub", action="store_true", help="push the output folder to the Hub at the end")
+    parser.add_argument("--hub_model_id", help="user/name to push to")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = parser.parse_args(argv)
-    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ)
+    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ,
+                                    push_to=(args.hub_model_id or "") if args.push_to_hub else None)
     m, d, t, e = cfg["model"], cfg["data"], cfg["training"], cfg["eval"]
 
     ##### data (first: the vectors' width sizes the maps)
@@ -126,6 +131,8 @@ def main(argv=None):
         Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         log(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
                       if not isinstance(v, list)))
+        if args.push_to_hub:
+            push(t["output_dir"], args.hub_model_id, log=log)
 
 
 if __name__ == "__main__":

@@ -186,10 +186,12 @@ def save_flamingo(model: FlamingoLM, folder, tokenizer, image_processor, setting
     (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
-def load_flamingo(folder, lm_source: str | None = None, clip_source: str | None = None, **lm_kwargs):
+def load_flamingo(folder, lm_source: str | None = None, clip_source: str | None = None,
+                  base_kwargs: dict | None = None):
     """Rebuild a trained Flamingo from an output or checkpoint folder: `(model, tokenizer,
     image_processor, settings)`. The LM and CLIP come from the sources recorded at training
-    time unless `lm_source` / `clip_source` point elsewhere."""
+    time unless `lm_source` / `clip_source` point elsewhere; `base_kwargs` go to both
+    `from_pretrained` calls."""
     import json
     from pathlib import Path
 
@@ -206,11 +208,12 @@ def load_flamingo(folder, lm_source: str | None = None, clip_source: str | None 
                                 f"(needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     settings = json.loads((folder / CONFIG_FILE).read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    lm = AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"],
-                                              **quantized_like(settings, lm_kwargs))
+    base_kwargs = base_kwargs or {}
+    lm = AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"], **base_kwargs,
+                                              **quantized_like(settings, {}))
     keep_cpu_4bit_working(lm)
     image_id = add_tokens(tokenizer, lm, [settings["image_token"]])[0]
-    clip = CLIPModel.from_pretrained(clip_source or settings["sources"]["clip"])
+    clip = CLIPModel.from_pretrained(clip_source or settings["sources"]["clip"], **base_kwargs)
     model = FlamingoLM(lm, clip.vision_model, image_id, settings["vision_feature_layer"],
                        settings["resampler_options"], settings["xattn_options"])
     missing, unexpected = model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=False)

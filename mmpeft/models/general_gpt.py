@@ -142,9 +142,10 @@ def save_general_gpt(model: GeneralGPT, folder, tokenizer, settings: dict) -> No
     (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
-def load_general_gpt(folder, lm_source: str | None = None):
+def load_general_gpt(folder, lm_source: str | None = None, base_kwargs: dict | None = None):
     """Rebuild a trained General-GPT from an output or checkpoint folder: `(model,
-    tokenizer, settings)`, the model in eval mode."""
+    tokenizer, settings)`, the model in eval mode; `base_kwargs` go to the LM's
+    `from_pretrained`."""
     import json
     from pathlib import Path
 
@@ -161,8 +162,8 @@ def load_general_gpt(folder, lm_source: str | None = None):
                                 f"(needs {CONFIG_FILE} and {HEADS_FILE})")
     settings = json.loads((folder / CONFIG_FILE).read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    lm = keep_cpu_4bit_working(AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"],
-                                                                    **quantized_like(settings, {})))
+    lm = keep_cpu_4bit_working(AutoModelForCausalLM.from_pretrained(
+        lm_source or settings["sources"]["lm"], **(base_kwargs or {}), **quantized_like(settings, {})))
     ids = add_general_gpt_tokens(tokenizer, lm)
     if (folder / "lm_adapter").is_dir():
         lm = PeftModel.from_pretrained(lm, folder / "lm_adapter")

@@ -59,3 +59,25 @@ def test_a_checkpoint_reloads_in_one_call_and_reads_its_images(run):
     assert (a - b).abs().max() > 0  # the answer depends on the image
     with pytest.raises(FileNotFoundError, match="not a Flamingo output"):
         load_flamingo(out / "checkpoint-2" / "ds")
+
+
+def test_mmpeft_load_rebuilds_it_and_a_push_sends_the_trained_parts_with_a_card(run):
+    from huggingface_hub import ModelCard
+
+    import mmpeft
+    from mmpeft.hub import model_card, plan_push
+
+    out, _ = run
+    loaded = mmpeft.load(out)
+    direct, tokenizer, _, _ = load_flamingo(out)
+    ids = torch.tensor([[tokenizer.convert_tokens_to_ids("<image>")] + tokenizer("Red?")["input_ids"]])
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids, pixel_values=pixels).logits, direct(ids, pixel_values=pixels).logits)
+    assert loaded.processor.tokenizer.convert_tokens_to_ids("<image>") == ids[0, 0]
+    plan = plan_push(out)
+    sent = {f for f, _ in plan.files}
+    assert {"flamingo.safetensors", "mmpeft_config.json", "metrics.json", "tokenizer.json"} <= sent
+    assert not any(f.startswith("checkpoint-") for f in sent)
+    card = ModelCard(str(model_card(plan, "someone/flamingo-tiny")))
+    assert card.data.pipeline_tag == "image-text-to-text" and "flamingo" in card.data.tags

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
+import mmpeft
 from mmpeft.data.embeddings import read_embedding_set
 from mmpeft.eval.general_gpt import retrieval_figures
+from mmpeft.hub import model_card, plan_push
 from mmpeft.models.general_gpt import load_general_gpt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,3 +42,7 @@ def test_trains_writes_and_reloads_to_the_same_regression(small_world, small_zoo
     b = retrieval_figures(again, tokenizer, vectors, texts, 10)
     assert a == b and settings["embed_dim"] == vectors.shape[1]
     assert torch.equal(model.embed_out.weight, again.embed_out.weight)
+    loaded = mmpeft.load(out)
+    assert retrieval_figures(loaded.model, loaded.processor, vectors, texts, 10) == a
+    card = ModelCard(str(model_card(plan_push(out), "someone/general-gpt-tiny")))
+    assert card.data.pipeline_tag == "text-generation" and "lora" in card.data.tags
