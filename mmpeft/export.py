@@ -7,6 +7,8 @@
               vocabulary) plus `mapper.safetensors` and `mmpeft_config.json`
     GILL      the merged LM as a plain causal-LM folder (the `[IMG]` rows merged), the
               tokenizer, `gill_heads.safetensors` and `mmpeft_config.json`
+    General-GPT likewise, with `general_gpt.safetensors` (Flamingo trains no LM weights, so
+              its run folder is already standalone apart from the bases)
 
 A QLoRA run is merged into the base loaded in full precision (its LoRA was trained on
 that base's 4-bit copy), so the export is never quantized.
@@ -76,6 +78,14 @@ def export_run(folder: str | Path, out: str | Path, lm: str | None = None, clip:
         _merged(gill.lm).save_pretrained(out)
         loaded.processor.save_pretrained(out)
         shutil.copy(folder / "gill_heads.safetensors", out / "gill_heads.safetensors")
+    elif recipe == "general_gpt":
+        loaded = load(folder, lm=lm)
+        _merged(loaded.model.lm).save_pretrained(out)
+        loaded.processor.save_pretrained(out)
+        shutil.copy(folder / "general_gpt.safetensors", out / "general_gpt.safetensors")
+    elif recipe == "flamingo":
+        raise ValueError(f"{folder}: a Flamingo run leaves the LM as it was, so there is nothing to merge; "
+                         "share the run folder itself (mmpeft push) and load it with mmpeft.load")
     else:
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE} naming an mmpeft recipe: nothing to export")
     exported = {**settings, "exported_from": str(folder), "merged": True}

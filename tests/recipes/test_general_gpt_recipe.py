@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
 
 import mmpeft
 from mmpeft.data.embeddings import read_embedding_set
 from mmpeft.eval.general_gpt import retrieval_figures
+from mmpeft.export import export_run
 from mmpeft.hub import model_card, plan_push
-from mmpeft.models.general_gpt import load_general_gpt
+from mmpeft.models.general_gpt import load_general_gpt, retrieval_prompt
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,3 +48,8 @@ def test_trains_writes_and_reloads_to_the_same_regression(small_world, small_zoo
     assert retrieval_figures(loaded.model, loaded.processor, vectors, texts, 10) == a
     card = ModelCard(str(model_card(plan_push(out), "someone/general-gpt-tiny")))
     assert card.data.pipeline_tag == "text-generation" and "lora" in card.data.tags
+    exported = export_run(out, tmp_path / "exported")
+    merged = AutoModelForCausalLM.from_pretrained(exported)
+    ids = torch.tensor([retrieval_prompt(tokenizer, "a red square")])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model.lm(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
