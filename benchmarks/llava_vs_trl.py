@@ -76,7 +76,7 @@ def _peak(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_mmpeft(args, world: Path, out: Path, cached: bool) -> dict:
+def run_mmpeft(args, out: Path, cached: bool) -> dict:
     """The recipe, in this process, with the benchmark's step budget and no evaluation."""
     spec = importlib.util.spec_from_file_location("llava_finetune", ROOT / "recipes" / "llava_finetune.py")
     recipe = importlib.util.module_from_spec(spec)
@@ -155,7 +155,7 @@ def child(args) -> None:
     if args.side == "trl":
         result = run_trl(args, world, out)
     else:
-        result = run_mmpeft(args, world, out, cached=args.side == "mmpeft")
+        result = run_mmpeft(args, out, cached=args.side == "mmpeft")
     result["peak_bytes"] = _peak(args.device)
     print("RESULT " + json.dumps(result))
 
