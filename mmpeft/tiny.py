@@ -67,6 +67,24 @@ def launch_record(script: str, argv: list[str] | None) -> dict:
     return {"argv": [str(shown), *args], "world_size": dist.get_world_size() if dist.is_initialized() else 1}
 
 
+def start_recipe(doc: str, default_config: str | Path, argv: list[str] | None, environ: dict):
+    """A training recipe's command line read (`--config`, `--resume`, `--push_to_hub
+    --hub_model_id`, `dotted.key=value` overrides; deepspeed's `--local_rank` accepted) and
+    `start_run` done. Returns `(args, config, zoo folder or None, rank, log)`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--config", default=str(default_config))
+    parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("--push_to_hub", action="store_true", help="push the output folder to the Hub at the end")
+    parser.add_argument("--hub_model_id", help="user/name to push to")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = parser.parse_args(argv)
+    push_to = (args.hub_model_id or "") if args.push_to_hub else None
+    return (args, *start_run(args.config, args.overrides, environ, push_to=push_to))
+
+
 def start_run(config_path: str, overrides: list[str], environ: dict, push_to: str | None = None):
     """What every recipe does first: read the config with its `dotted.key=value`
     overrides, check that a push at the end could start (`push_to`, a repo id), join the

@@ -17,7 +17,6 @@ Trains: the two linear maps, the new tokens' rows, and LoRA on the LM when asked
 `mmpeft_config.json`, `checkpoint-{step}/`, `metrics.json`.
 """
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -44,7 +43,7 @@ from mmpeft.models.llava import load_base_models
 from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_clip, resolve_preset
-from mmpeft.tiny import launch_record, start_run
+from mmpeft.tiny import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "general_gpt_tiny.yaml"
@@ -65,16 +64,7 @@ def embedding_set(source: dict, folder: Path, preset, log):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    parser.add_argument("--push_to_hub", action="store_true", help="push the output folder to the Hub at the end")
-    parser.add_argument("--hub_model_id", help="user/name to push to")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = parser.parse_args(argv)
-    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ,
-                                    push_to=(args.hub_model_id or "") if args.push_to_hub else None)
+    args, cfg, zoo, rank, log = start_recipe(__doc__, DEFAULT_CONFIG, argv, os.environ)
     m, d, t, e = cfg["model"], cfg["data"], cfg["training"], cfg["eval"]
 
     ##### data (first: the vectors' width sizes the maps)

@@ -16,7 +16,6 @@ plain PEFT), `llava_adapter/`, `connector.safetensors`, the processor, `mmpeft_c
 `checkpoint-{step}/` (the same files plus the resumable engine state), `metrics.json`.
 """
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -41,23 +40,14 @@ from mmpeft.models.llava import (
 from mmpeft.models.llava_io import load_llava, save_llava
 from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
 from mmpeft.presets import resolve_preset
-from mmpeft.tiny import launch_record, start_run
+from mmpeft.tiny import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava_finetune_tiny.yaml"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    parser.add_argument("--push_to_hub", action="store_true", help="push the output folder to the Hub at the end")
-    parser.add_argument("--hub_model_id", help="user/name to push to")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = parser.parse_args(argv)
-    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ,
-                                    push_to=(args.hub_model_id or "") if args.push_to_hub else None)
+    args, cfg, zoo, rank, log = start_recipe(__doc__, DEFAULT_CONFIG, argv, os.environ)
     m, d, t = cfg["model"], cfg["data"], cfg["training"]
 
     ##### model

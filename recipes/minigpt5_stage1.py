@@ -17,7 +17,6 @@ Writes to `training.output_dir`: the LLaVA files (`llava_adapter/` holds the vok
 `checkpoint-{step}/`, `metrics.json`.
 """
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -45,7 +44,7 @@ from mmpeft.models.minigpt5_io import (
 from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_diffusion, resolve_preset
-from mmpeft.tiny import launch_record, start_run
+from mmpeft.tiny import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minigpt5_stage1_tiny.yaml"
@@ -62,16 +61,7 @@ def read_pairs(source: dict, prompt: str, n_vokens: int):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    parser.add_argument("--push_to_hub", action="store_true", help="push the output folder to the Hub at the end")
-    parser.add_argument("--hub_model_id", help="user/name to push to")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = parser.parse_args(argv)
-    cfg, zoo, rank, log = start_run(args.config, args.overrides, os.environ,
-                                    push_to=(args.hub_model_id or "") if args.push_to_hub else None)
+    args, cfg, zoo, rank, log = start_recipe(__doc__, DEFAULT_CONFIG, argv, os.environ)
     m, d, t, loss = cfg["model"], cfg["data"], cfg["training"], cfg["loss"]
 
     ##### model
