@@ -84,15 +84,16 @@ def _coco_annotations(image_id: int, scene: list[Thing], size: int) -> list[dict
     return anns
 
 
-def scene_chats(n: int, rng: random.Random) -> list[dict]:
+def scene_chats(n: int, rng: random.Random, questions_per_chat: int = 3) -> list[dict]:
     """`n` text-only chats (rows of `lm/*.jsonl`) about fresh scenes: a description, then up
-    to three questions about it. More of them teach a tiny LM to answer from its context."""
+    to `questions_per_chat` questions about it. More of them teach a tiny LM to answer from
+    its context."""
     rows = []
     for _ in range(n):
         scene = sample_scene(rng)
         questions = qa_pairs(scene, rng)
         rng.shuffle(questions)
-        chat = _conversation(questions[:3], text_description(scene), rng, False)
+        chat = _conversation(questions[:questions_per_chat], text_description(scene), rng, False)
         rows.append({"messages": [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
                                   for t in chat], "type": questions[0]["type"], "options": questions[0]["options"]})
     return rows

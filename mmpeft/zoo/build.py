@@ -2,7 +2,8 @@
 
 Each part is trained, evaluated on the world's test split, saved with the libraries' own
 `save_pretrained`, and marked finished by a `zoo_part.json` holding its spec and metrics,
-written last. A second build with the same spec loads nothing and trains nothing.
+written last. A second build with the same spec loads nothing and trains nothing; a build
+whose spec differs only in one part's settings retrains that part and what depends on it.
 
 Parts run in two processes of one thread each: on a 2-core machine two single-threaded
 trainings finish sooner than one two-threaded training after another.
@@ -38,6 +39,7 @@ class ZooSpec:
     clip_steps: int = 500
     lm_steps: int = 2400
     lm_extra_chats: int = 20000  # chats about fresh scenes; answering from context needs many examples
+    lm_chat_questions: int = 3  # questions per extra chat, at most
     vae_steps: int = 400
     unet_steps: int = 1200
     sd_single_objects: int = 4000  # extra one-object scenes beside the world's images
@@ -65,11 +67,24 @@ def _finish(out: Path, spec: ZooSpec, metrics: dict, seconds: float) -> dict:
     return record
 
 
+# The spec fields each part's weights depend on (sd trains on clip's text encoder and the vae).
+PART_FIELDS = {
+    "clip": ("version", "seed", "clip_steps"),
+    "lm": ("version", "seed", "lm_steps", "lm_extra_chats", "lm_chat_questions", "eval_questions"),
+    "vae": ("version", "seed", "vae_steps", "sd_image_size"),
+}
+PART_FIELDS["sd"] = (*PART_FIELDS["clip"], *PART_FIELDS["vae"][2:], "unet_steps", "sd_single_objects",
+                     "eval_questions")
+PART_NEEDS = {"sd": ("clip", "vae")}
+
+
 def _part_done(out: Path, spec: ZooSpec) -> dict | None:
+    """The part's record if it was built with the same values of the fields it depends on."""
     marker = out / PART_FILE
     if marker.exists():
         record = json.loads(marker.read_text())
-        if record["spec"] == asdict(spec):
+        ours, defaults = asdict(spec), asdict(ZooSpec())  # a field added since the record: its default
+        if all(record["spec"].get(k, defaults[k]) == ours[k] for k in PART_FIELDS[out.name]):
             return record
     return None
 
@@ -124,7 +139,8 @@ def build_lm(root: Path, world: Path, spec: ZooSpec) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizers" / "lm")
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(tiny_lm_config(tokenizer))
-    train_rows = _jsonl(world / "lm" / "train.jsonl") + scene_chats(spec.lm_extra_chats, random.Random(spec.seed))
+    train_rows = _jsonl(world / "lm" / "train.jsonl") + scene_chats(spec.lm_extra_chats, random.Random(spec.seed),
+                                                                     spec.lm_chat_questions)
     test_rows = _jsonl(world / "lm" / "test.jsonl")
     losses = train_lm(model, encode_corpus(tokenizer, train_rows), tokenizer.pad_token_id, spec.lm_steps,
                       seed=spec.seed)
@@ -264,7 +280,8 @@ def build_zoo(root: str | os.PathLike, world: str | os.PathLike, spec: ZooSpec =
     root.mkdir(parents=True, exist_ok=True)
     build_tokenizers(root, world)
     records = {name: _part_done(root / name, spec) for name in _PARTS}
-    todo = [name for name, rec in records.items() if rec is None]
+    todo = [name for name, rec in records.items()
+            if rec is None or any(records[need] is None for need in PART_NEEDS.get(name, ()))]
     if not todo:
         return records
     threads = 1 if workers > 1 else max(1, torch.get_num_threads())

@@ -1,4 +1,5 @@
 import json
+import shutil
 import time
 
 import torch
@@ -39,6 +40,30 @@ def test_second_build_reuses_every_part(small_zoo, small_world):
     assert time.time() - start < 5
     assert again == records
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")} == stamps
+
+
+def test_a_changed_setting_retrains_only_the_parts_that_depend_on_it(small_zoo, small_world, tmp_path):
+    from dataclasses import replace
+
+    from mmpeft.zoo.build import ZooSpec
+
+    root, records = small_zoo
+    copy = tmp_path / "zoo"
+    shutil.copytree(root, copy)
+    spec = ZooSpec(**records["clip"]["spec"])
+
+    def stamps():
+        return {p.relative_to(copy): p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+
+    def rewritten(old, new):
+        return sorted({p.parts[0] for p in old if old[p] != new[p]})
+
+    before = stamps()
+    build_zoo(copy, small_world, replace(spec, lm_chat_questions=spec.lm_chat_questions + 1), workers=1)
+    after = stamps()
+    assert rewritten(before, after) == ["lm"]
+    build_zoo(copy, small_world, replace(spec, vae_steps=spec.vae_steps + 1), workers=1)
+    assert rewritten(after, stamps()) == ["lm", "sd", "vae"]  # lm: back to the fixture's setting
 
 
 def test_tiny_preset_loads_each_part_by_path(small_zoo):
