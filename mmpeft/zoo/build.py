@@ -67,14 +67,15 @@ def _finish(out: Path, spec: ZooSpec, metrics: dict, seconds: float) -> dict:
     return record
 
 
-# The spec fields each part's weights depend on (sd trains on clip's text encoder and the vae).
+# The spec fields each part's weights depend on; sd trains on clip's text encoder and the
+# vae, so their fields are sd's too, and sd is rebuilt whenever either part is.
 PART_FIELDS = {
     "clip": ("version", "seed", "clip_steps"),
     "lm": ("version", "seed", "lm_steps", "lm_extra_chats", "lm_chat_questions", "eval_questions"),
     "vae": ("version", "seed", "vae_steps", "sd_image_size"),
+    "sd": ("version", "seed", "clip_steps", "vae_steps", "sd_image_size", "unet_steps", "sd_single_objects",
+           "eval_questions"),
 }
-PART_FIELDS["sd"] = (*PART_FIELDS["clip"], *PART_FIELDS["vae"][2:], "unet_steps", "sd_single_objects",
-                     "eval_questions")
 PART_NEEDS = {"sd": ("clip", "vae")}
 
 
