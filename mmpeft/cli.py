@@ -37,7 +37,7 @@ def zoo_figures(records: dict) -> list[tuple[str, str, float, str]]:
         ("clip", "text->image recall@1", clip["text_to_image_r1"], f"chance {clip['chance_r1']:.3f}"),
         ("lm", f"answer accuracy from a text description ({lm['questions']} questions)", lm["text_qa_accuracy"],
          f"chance {lm['chance']:.3f}"),
-        ("lm", "test perplexity", lm["test_perplexity"], f"uniform guess {lm['vocab_size']}"),
+        ("lm", "test perplexity on the tokens it learns", lm["test_perplexity"], f"uniform guess {lm['vocab_size']}"),
         ("vae", "test reconstruction MSE", vae["test_reconstruction_mse"],
          f"pixel variance {vae['pixel_variance']:.3f}"),
     ]

@@ -40,6 +40,7 @@ class ZooSpec:
     lm_steps: int = 2400
     lm_extra_chats: int = 20000  # chats about fresh scenes; answering from context needs many examples
     lm_chat_questions: int = 3  # questions per extra chat, at most
+    lm_chat_loss: str = "answers"  # chats: learn only the answers ("answers") or every token ("all")
     vae_steps: int = 400
     unet_steps: int = 1200
     sd_single_objects: int = 4000  # extra one-object scenes beside the world's images
@@ -71,12 +72,14 @@ def _finish(out: Path, spec: ZooSpec, metrics: dict, seconds: float) -> dict:
 # vae, so their fields are sd's too, and sd is rebuilt whenever either part is.
 PART_FIELDS = {
     "clip": ("version", "seed", "clip_steps"),
-    "lm": ("version", "seed", "lm_steps", "lm_extra_chats", "lm_chat_questions", "eval_questions"),
+    "lm": ("version", "seed", "lm_steps", "lm_extra_chats", "lm_chat_questions", "lm_chat_loss", "eval_questions"),
     "vae": ("version", "seed", "vae_steps", "sd_image_size"),
     "sd": ("version", "seed", "clip_steps", "vae_steps", "sd_image_size", "unet_steps", "sd_single_objects",
            "eval_questions"),
 }
 PART_NEEDS = {"sd": ("clip", "vae")}
+# What parts built before a field existed did; a field not listed here had its default.
+BEFORE_FIELD = {"lm_chat_loss": "all"}
 
 
 def _part_done(out: Path, spec: ZooSpec) -> dict | None:
@@ -84,8 +87,8 @@ def _part_done(out: Path, spec: ZooSpec) -> dict | None:
     marker = out / PART_FILE
     if marker.exists():
         record = json.loads(marker.read_text())
-        ours, defaults = asdict(spec), asdict(ZooSpec())  # a field added since the record: its default
-        if all(record["spec"].get(k, defaults[k]) == ours[k] for k in PART_FIELDS[out.name]):
+        ours, before = asdict(spec), {**asdict(ZooSpec()), **BEFORE_FIELD}
+        if all(record["spec"].get(k, before[k]) == ours[k] for k in PART_FIELDS[out.name]):
             return record
     return None
 
@@ -143,10 +146,12 @@ def build_lm(root: Path, world: Path, spec: ZooSpec) -> dict:
     train_rows = _jsonl(world / "lm" / "train.jsonl") + scene_chats(spec.lm_extra_chats, random.Random(spec.seed),
                                                                      spec.lm_chat_questions)
     test_rows = _jsonl(world / "lm" / "test.jsonl")
-    losses = train_lm(model, encode_corpus(tokenizer, train_rows), tokenizer.pad_token_id, spec.lm_steps,
-                      seed=spec.seed)
+    losses = train_lm(model, encode_corpus(tokenizer, train_rows, spec.lm_chat_loss), tokenizer.pad_token_id,
+                      spec.lm_steps, seed=spec.seed)
     metrics = text_qa_accuracy(model, tokenizer, [r for r in test_rows if "messages" in r][: spec.eval_questions])
-    metrics.update(_perplexity(model, encode_corpus(tokenizer, test_rows[:500])), vocab_size=len(tokenizer))
+    metrics.update(_perplexity(model, encode_corpus(tokenizer, test_rows[:500], spec.lm_chat_loss),
+                               tokenizer.pad_token_id),
+                   vocab_size=len(tokenizer))
     metrics["final_loss"] = float(np.mean(losses[-20:]))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -154,12 +159,15 @@ def build_lm(root: Path, world: Path, spec: ZooSpec) -> dict:
 
 
 @torch.no_grad()
-def _perplexity(model, sequences: list[list[int]]) -> dict:
+def _perplexity(model, sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Perplexity on the tokens the LM learns: whole captions and stories, chats' answers."""
+    from .lm import batch_tensors
+
     total, count = 0.0, 0
-    for seq in sequences:
-        ids = torch.tensor([seq])
-        loss = model(input_ids=ids, labels=ids).loss.item()
-        total, count = total + loss * (len(seq) - 1), count + len(seq) - 1
+    for pair in sequences:
+        batch = batch_tensors([pair], pad_id)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total, count = total + model(**batch).loss.item() * n, count + n
     return {"test_perplexity": float(np.exp(total / count))}
 
 

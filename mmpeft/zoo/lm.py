@@ -2,7 +2,9 @@
 
 Its corpus is captions, stories and text-only chats (a scene described in words, then
 questions about it), so it arrives at the LLaVA recipes already able to chat and to answer
-from a description, as a real instruction-tuned LLM would.
+from a description, as a real instruction-tuned LLM would. Plain text is learned whole;
+chats only on the assistant's turns, as instruction tuning does: the scene descriptions
+are random draws, and predicting them would take most of the loss away from the answers.
 """
 
 from __future__ import annotations
@@ -25,41 +27,62 @@ def tiny_lm_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     )
 
 
-def encode_corpus(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[list[int]]:
-    """Token ids of each row: plain `text` rows end with EOS; `messages` rows go through
-    the chat template."""
+CHAT_LOSSES = ("answers", "all")
+
+
+def encode_corpus(tokenizer: PreTrainedTokenizerBase, rows: list[dict],
+                  chat_loss: str = "answers") -> list[tuple[list[int], list[int]]]:
+    """Token ids of each row and which of them are learned (1) or only read (0): plain
+    `text` rows end with EOS and are learned whole; `messages` rows go through the chat
+    template, and with `chat_loss="answers"` only the assistant's tokens (the template's
+    `{% generation %}` markers) are learned, with `"all"` every token."""
+    if chat_loss not in CHAT_LOSSES:
+        raise ValueError(f"chat_loss must be one of {CHAT_LOSSES}, got {chat_loss!r}")
     out = []
     for row in rows:
         if "messages" in row:
-            out.append(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
+            enc = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+            if not any(enc["assistant_masks"]):
+                raise ValueError(f"LM chat row has no assistant turn: {row['messages'][:1]}")
+            learned = enc["assistant_masks"] if chat_loss == "answers" else [1] * len(enc["input_ids"])
+            out.append((enc["input_ids"], learned))
         else:
-            out.append(tokenizer(row["text"])["input_ids"] + [tokenizer.eos_token_id])
+            ids = tokenizer(row["text"])["input_ids"] + [tokenizer.eos_token_id]
+            out.append((ids, [1] * len(ids)))
     return out
 
 
-def train_lm(model: LlamaForCausalLM, sequences: list[list[int]], pad_id: int, steps: int,
+def batch_tensors(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Right-padded `input_ids`, `attention_mask` and `labels` (-100 where not learned)."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id)
+    attention = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (seq, learned) in enumerate(batch):
+        seq, learned = torch.tensor(seq), torch.tensor(learned, dtype=torch.bool)
+        ids[i, :len(seq)], attention[i, :len(seq)] = seq, 1
+        labels[i, :len(seq)] = seq.masked_fill(~learned, -100)
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def train_lm(model: LlamaForCausalLM, sequences: list[tuple[list[int], list[int]]], pad_id: int, steps: int,
              batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log=print) -> list[float]:
-    """Next-token loss over whole sequences (padding ignored). Returns every step's loss."""
+    """Next-token loss on the learned tokens of `encode_corpus`'s sequences. Returns every
+    step's loss."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = get_cosine_schedule_with_warmup(optim, max(1, steps // 20), steps)
     # batches of similar length waste less compute on padding
-    by_length = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    by_length = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
     chunks = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
     losses = []
     model.train()
     for step in range(steps):
         if step % len(chunks) == 0:
             rng.shuffle(chunks)
-        batch = [sequences[i] for i in chunks[step % len(chunks)]]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad_id)
-        mask = torch.zeros_like(ids)
-        for i, seq in enumerate(batch):
-            ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(**batch_tensors([sequences[i] for i in chunks[step % len(chunks)]], pad_id)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()

@@ -108,3 +108,45 @@ def test_lm_chat_template_marks_assistant_tokens(small_zoo):
     enc = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
     marked = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]
     assert tokenizer.decode(marked) == "Two.<|im_end|>"
+
+
+def test_lm_corpus_learns_whole_text_and_only_the_answers_of_chats(small_zoo):
+    from mmpeft.zoo.lm import batch_tensors, encode_corpus
+
+    root, _ = small_zoo
+    _, tokenizer = load_lm(resolve_preset("tiny", zoo_dir=root))
+    chat = {"messages": [{"role": "user", "content": "A red circle at the top left. Where is the circle?"},
+                         {"role": "assistant", "content": "Top left."},
+                         {"role": "user", "content": "How many objects are in the image?"},
+                         {"role": "assistant", "content": "One."}]}
+    text = {"text": "A red circle."}
+    (chat_ids, chat_learned), (text_ids, text_learned) = encode_corpus(tokenizer, [chat, text])
+    assert tokenizer.decode([i for i, m in zip(chat_ids, chat_learned, strict=True) if m]) == \
+        "Top left.<|im_end|>One.<|im_end|>"
+    assert text_learned == [1] * len(text_ids) and tokenizer.decode(text_ids) == "A red circle.<|im_end|>"
+    (_, every), _ = encode_corpus(tokenizer, [chat, text], chat_loss="all")
+    assert every == [1] * len(chat_ids)
+
+    batch = batch_tensors(encode_corpus(tokenizer, [chat, text]), tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (2, len(chat_ids))
+    assert batch["attention_mask"][1].tolist() == [1] * len(text_ids) + [0] * (len(chat_ids) - len(text_ids))
+    learned = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert tokenizer.decode(learned) == "Top left.<|im_end|>One.<|im_end|>"
+    assert batch["labels"][1, :len(text_ids)].tolist() == text_ids
+    assert (batch["labels"][1, len(text_ids):] == -100).all()
+
+
+def test_an_lm_built_before_answer_only_chats_is_retrained(small_zoo, small_world, tmp_path):
+    from mmpeft.zoo.build import ZooSpec
+
+    root, records = small_zoo
+    copy = tmp_path / "zoo"
+    shutil.copytree(root, copy)
+    marker = copy / "lm" / "zoo_part.json"
+    record = json.loads(marker.read_text())
+    del record["spec"]["lm_chat_loss"]  # as written before the field existed, when chats were learned whole
+    marker.write_text(json.dumps(record))
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*.safetensors")}
+    build_zoo(copy, small_world, ZooSpec(**records["clip"]["spec"]), workers=1)
+    changed = sorted({p.relative_to(copy).parts[0] for p in before if p.stat().st_mtime_ns != before[p]})
+    assert changed == ["lm"]
