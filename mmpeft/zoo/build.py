@@ -293,7 +293,8 @@ def build_zoo(root: str | os.PathLike, world: str | os.PathLike, spec: ZooSpec =
             if rec is None or any(records[need] is None for need in PART_NEEDS.get(name, ()))]
     if not todo:
         return records
-    threads = 1 if workers > 1 else max(1, torch.get_num_threads())
+    # two parts side by side get a thread each; a part trained alone gets them all
+    threads = 1 if workers > 1 and len(todo) > 1 else max(1, torch.get_num_threads())
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         def submit(name):
             return pool.submit(_run_part, name, str(root), str(world), spec, threads) if name in todo else None
