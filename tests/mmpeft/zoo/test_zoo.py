@@ -147,6 +147,6 @@ def test_an_lm_built_before_answer_only_chats_is_retrained(small_zoo, small_worl
     del record["spec"]["lm_chat_loss"]  # as written before the field existed, when chats were learned whole
     marker.write_text(json.dumps(record))
     before = {p: p.stat().st_mtime_ns for p in copy.rglob("*.safetensors")}
-    build_zoo(copy, small_world, ZooSpec(**records["clip"]["spec"]), workers=1)
+    build_zoo(copy, small_world, ZooSpec(**records["clip"]["spec"]))  # two workers, one part: all threads
     changed = sorted({p.relative_to(copy).parts[0] for p in before if p.stat().st_mtime_ns != before[p]})
     assert changed == ["lm"]
