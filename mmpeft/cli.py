@@ -143,6 +143,10 @@ def _llava_stages(suffix: str) -> list:
             ("llava_finetune", f"llava_finetune{suffix}_tiny", [f"model.init_connector={{out}}/{stage1}"])]
 
 
+# Every connector's last run (stage 2, or Flamingo's one stage) trains this many steps, so the
+# comparison holds when one recipe's own default changes (llava_finetune_tiny's is 3,000).
+CONNECTOR_STEPS = 1000
+
 CONNECTORS = [  # (name, what it is, [(script, config and output folder, overrides)]): same data and questions
     ("mlp2x_gelu", "LLaVA-1.5's MLP, the baseline", _llava_stages("")),
     ("qformer", "BLIP-2's Q-Former", _llava_stages("_qformer")),
@@ -158,10 +162,11 @@ def run_connectors(out: Path, cache: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     results = {}
     for name, _, runs in CONNECTORS:
-        for script, run, extra in runs:
+        for k, (script, run, extra) in enumerate(runs):
+            steps = [f"training.max_steps={CONNECTOR_STEPS}"] if k == len(runs) - 1 else []
             cmd = [sys.executable, str(repo / "recipes" / f"{script}.py"), "--config",
                    str(repo / "recipes" / "configs" / f"{run}.yaml"), f"training.output_dir={out / run}",
-                   f"tiny.cache={cache}", *[e.format(out=out) for e in extra]]
+                   f"tiny.cache={cache}", *[e.format(out=out) for e in extra], *steps]
             print(f"\n$ {' '.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, check=True, cwd=repo)
         results[name] = json.loads((out / runs[-1][1] / "metrics.json").read_text())
