@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mmpeft.models.minigpt5_io import load_minigpt5
@@ -83,7 +84,17 @@ def test_stage2_on_two_ranks_under_zero3_starts_from_stage1(stage2, stage1):
     assert {p.name for p in (out / "checkpoint-4").iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "mapper.safetensors"}
     history = _history(out / "checkpoint-4")
     assert set(history[0]) == {"step", "loss", "text_loss", "image_loss", "lr", "seconds"}
-    assert history[-1]["text_loss"] < history[0]["text_loss"]
+    # Four steps on stories move the text loss less than batches differ, so the test checks
+    # what trained instead: the mapper's transformer and output moved from stage 1's, its MLP
+    # and query (frozen in stage 2) did not, and LoRA's B matrices left zero.
+    before, after = load_file(stage1[0] / "mapper.safetensors"), load_file(out / "mapper.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        moved = not torch.equal(before[name], after[name])
+        assert moved == (not name.startswith(("mlp.", "query."))), name
+    lora_b = {k: v for k, v in load_file(out / "llava_adapter" / "adapter_model.safetensors").items()
+              if "lora_B" in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("voken_emission_where_image", "clip_image_similarity", "clip_image_similarity_shuffled",
                 "clip_image_similarity_sd_caption", "clip_text_similarity_guided", "diffusion_loss_right"):
