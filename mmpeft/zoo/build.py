@@ -2,8 +2,9 @@
 
 Each part is trained, evaluated on the world's test split, saved with the libraries' own
 `save_pretrained`, and marked finished by a `zoo_part.json` holding its spec and metrics,
-written last. A second build with the same spec loads nothing and trains nothing; a build
-whose spec differs only in one part's settings retrains that part and what depends on it.
+written last. A second build with the same spec on the same world loads nothing and
+trains nothing; a build whose spec differs only in one part's settings retrains that part
+and what depends on it; a build on another world (its `world.json` differs) retrains all.
 
 Parts run in two processes of one thread each: on a 2-core machine two single-threaded
 trainings finish sooner than one two-threaded training after another.
@@ -62,8 +63,22 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _finish(out: Path, spec: ZooSpec, metrics: dict, seconds: float) -> dict:
-    record = {"spec": asdict(spec), "metrics": metrics, "seconds": round(seconds, 1)}
+def world_record(world: Path) -> dict:
+    """The spec the world was built with (its `world.json`): what the zoo was trained on."""
+    marker = world / "world.json"
+    if not marker.exists():
+        raise FileNotFoundError(f"{world} is not a built world: {marker} is missing (build it with `mmpeft world`)")
+    return json.loads(marker.read_text())
+
+
+def _same_world(recorded: dict | None, world: dict) -> bool:
+    """Whether a part or tokenizer built on `recorded` fits `world`. Records written before
+    the zoo noted its world hold none; they were all built on version-1 worlds."""
+    return recorded == world if recorded is not None else world.get("version") == 1
+
+
+def _finish(out: Path, spec: ZooSpec, world: Path, metrics: dict, seconds: float) -> dict:
+    record = {"spec": asdict(spec), "world": world_record(world), "metrics": metrics, "seconds": round(seconds, 1)}
     (out / PART_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -82,22 +97,26 @@ PART_NEEDS = {"sd": ("clip", "vae")}
 BEFORE_FIELD = {"lm_chat_loss": "all"}
 
 
-def _part_done(out: Path, spec: ZooSpec) -> dict | None:
-    """The part's record if it was built with the same values of the fields it depends on."""
+def _part_done(out: Path, spec: ZooSpec, world: dict) -> dict | None:
+    """The part's record if it was built on `world` with the same values of the fields it
+    depends on."""
     marker = out / PART_FILE
     if marker.exists():
         record = json.loads(marker.read_text())
         ours, before = asdict(spec), {**asdict(ZooSpec()), **BEFORE_FIELD}
-        if all(record["spec"].get(k, before[k]) == ours[k] for k in PART_FIELDS[out.name]):
+        if _same_world(record.get("world"), world) and all(
+                record["spec"].get(k, before[k]) == ours[k] for k in PART_FIELDS[out.name]):
             return record
     return None
 
 
 def build_tokenizers(root: Path, world: Path) -> None:
-    """LM and CLIP tokenizers, trained on the world's training text."""
+    """LM and CLIP tokenizers, trained on the world's training text; `tokenizers/done`
+    holds the world's spec."""
     from .tokenizers import train_clip_tokenizer, train_lm_tokenizer
 
-    if (root / "tokenizers" / "done").exists():
+    done, ours = root / "tokenizers" / "done", world_record(world)
+    if done.exists() and _same_world(json.loads(done.read_text()) if done.read_text().strip() else None, ours):
         return
     rows = _jsonl(world / "lm" / "train.jsonl")
     texts = [r["text"] for r in rows if "text" in r]
@@ -106,7 +125,7 @@ def build_tokenizers(root: Path, world: Path) -> None:
     captions = [c for im in read_coco(world / "coco/train", world / "coco/annotations/captions_train.json")
                 for c in im.captions]
     train_clip_tokenizer(captions).save_pretrained(root / "tokenizers" / "clip")
-    (root / "tokenizers" / "done").write_text("")
+    done.write_text(json.dumps(ours) + "\n")
 
 
 def build_clip(root: Path, world: Path, spec: ZooSpec) -> dict:
@@ -129,7 +148,7 @@ def build_clip(root: Path, world: Path, spec: ZooSpec) -> dict:
     metrics["final_loss"] = float(np.mean(losses[-20:]))
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    return _finish(out, spec, metrics, time.time() - start)
+    return _finish(out, spec, world, metrics, time.time() - start)
 
 
 def build_lm(root: Path, world: Path, spec: ZooSpec) -> dict:
@@ -155,7 +174,7 @@ def build_lm(root: Path, world: Path, spec: ZooSpec) -> dict:
     metrics["final_loss"] = float(np.mean(losses[-20:]))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return _finish(out, spec, metrics, time.time() - start)
+    return _finish(out, spec, world, metrics, time.time() - start)
 
 
 @torch.no_grad()
@@ -189,7 +208,7 @@ def build_vae(root: Path, world: Path, spec: ZooSpec) -> dict:
         x = _pixels(test_pil)
         mse = torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
     vae.save_pretrained(out)
-    return _finish(out, spec, {"test_reconstruction_mse": mse, "pixel_variance": x.var().item()},
+    return _finish(out, spec, world, {"test_reconstruction_mse": mse, "pixel_variance": x.var().item()},
                    time.time() - start)
 
 
@@ -231,7 +250,7 @@ def build_sd(root: Path, world: Path, spec: ZooSpec) -> dict:
     pipe.save_pretrained(out)
     metrics = sd_attribute_accuracy(pipe, world, spec)
     metrics["final_loss"] = float(np.mean(losses[-50:]))
-    return _finish(out, spec, metrics, time.time() - start)
+    return _finish(out, spec, world, metrics, time.time() - start)
 
 
 def _encode_prompt(text_encoder, tokenizer, texts: list[str]) -> torch.Tensor:
@@ -270,6 +289,16 @@ def sd_attribute_accuracy(pipe, world: Path, spec: ZooSpec, guidance_scales=(1.0
 
 
 _PARTS = {"clip": build_clip, "lm": build_lm, "vae": build_vae, "sd": build_sd}
+# The pairs of parts that can train at the same time in `build_zoo`'s order: clip beside vae
+# and then lm; lm (which starts when vae ends) beside sd (which starts when clip ends).
+SIDE_BY_SIDE = (("clip", "vae"), ("clip", "lm"), ("lm", "sd"))
+
+
+def part_threads(todo: list[str], workers: int, cores: int) -> int:
+    """Threads per part: one each when two of the parts to train can run side by side,
+    else every core, since they train one after another."""
+    side_by_side = workers > 1 and any(set(pair) <= set(todo) for pair in SIDE_BY_SIDE)
+    return 1 if side_by_side else max(1, cores)
 
 
 def _run_part(name: str, root: str, world: str, spec: ZooSpec, threads: int) -> dict:
@@ -288,13 +317,13 @@ def build_zoo(root: str | os.PathLike, world: str | os.PathLike, spec: ZooSpec =
     root, world = Path(root), Path(world)
     root.mkdir(parents=True, exist_ok=True)
     build_tokenizers(root, world)
-    records = {name: _part_done(root / name, spec) for name in _PARTS}
+    ours = world_record(world)
+    records = {name: _part_done(root / name, spec, ours) for name in _PARTS}
     todo = [name for name, rec in records.items()
             if rec is None or any(records[need] is None for need in PART_NEEDS.get(name, ()))]
     if not todo:
         return records
-    # two parts side by side get a thread each; a part trained alone gets them all
-    threads = 1 if workers > 1 and len(todo) > 1 else max(1, torch.get_num_threads())
+    threads = part_threads(todo, workers, torch.get_num_threads())
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         def submit(name):
             return pool.submit(_run_part, name, str(root), str(world), spec, threads) if name in todo else None

@@ -42,28 +42,73 @@ def test_second_build_reuses_every_part(small_zoo, small_world):
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")} == stamps
 
 
+def _copy_of(root, tmp_path):
+    copy = tmp_path / "zoo"
+    shutil.copytree(root, copy)
+    return copy
+
+
+def _rewritten(folder, build) -> list[str]:
+    """The top-level folders of `folder` in which `build()` rewrote a file."""
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    build()
+    return sorted({p.relative_to(folder).parts[0] for p in before if p.stat().st_mtime_ns != before[p]})
+
+
 def test_a_changed_setting_retrains_only_the_parts_that_depend_on_it(small_zoo, small_world, tmp_path):
     from dataclasses import replace
 
     from mmpeft.zoo.build import ZooSpec
 
     root, records = small_zoo
-    copy = tmp_path / "zoo"
-    shutil.copytree(root, copy)
+    copy = _copy_of(root, tmp_path)
     spec = ZooSpec(**records["clip"]["spec"])
+    more_questions = replace(spec, lm_chat_questions=spec.lm_chat_questions + 1)
+    assert _rewritten(copy, lambda: build_zoo(copy, small_world, more_questions, workers=1)) == ["lm"]
+    longer_vae = replace(spec, vae_steps=spec.vae_steps + 1)
+    # lm: back to the fixture's setting
+    assert _rewritten(copy, lambda: build_zoo(copy, small_world, longer_vae, workers=1)) == ["lm", "sd", "vae"]
 
-    def stamps():
-        return {p.relative_to(copy): p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
 
-    def rewritten(old, new):
-        return sorted({p.parts[0] for p in old if old[p] != new[p]})
+def test_a_zoo_built_on_another_world_is_retrained_whole(small_zoo, small_world, small_world_spec, tmp_path):
+    from dataclasses import replace
 
-    before = stamps()
-    build_zoo(copy, small_world, replace(spec, lm_chat_questions=spec.lm_chat_questions + 1), workers=1)
-    after = stamps()
-    assert rewritten(before, after) == ["lm"]
-    build_zoo(copy, small_world, replace(spec, vae_steps=spec.vae_steps + 1), workers=1)
-    assert rewritten(after, stamps()) == ["lm", "sd", "vae"]  # lm: back to the fixture's setting
+    from mmpeft.world import build_world
+    from mmpeft.zoo.build import ZooSpec
+
+    root, records = small_zoo
+    copy = _copy_of(root, tmp_path)
+    other = build_world(tmp_path / "other", replace(small_world_spec, seed=small_world_spec.seed + 1))
+    spec = ZooSpec(**records["clip"]["spec"])
+    assert _rewritten(copy, lambda: build_zoo(copy, other, spec)) == ["clip", "lm", "sd", "tokenizers", "vae"]
+    record = json.loads((copy / "sd" / "zoo_part.json").read_text())
+    assert record["world"] == json.loads((other / "world.json").read_text())
+    assert json.loads((copy / "tokenizers" / "done").read_text())["seed"] == small_world_spec.seed + 1
+
+
+def test_a_zoo_that_did_not_note_its_world_counts_as_built_on_version_1(small_zoo, small_world, tmp_path):
+    from mmpeft.zoo.build import ZooSpec
+
+    root, records = small_zoo
+    copy = _copy_of(root, tmp_path)
+    for marker in copy.glob("*/zoo_part.json"):  # as written before parts noted their world
+        record = json.loads(marker.read_text())
+        del record["world"]
+        marker.write_text(json.dumps(record))
+    (copy / "tokenizers" / "done").write_text("")
+    assert json.loads((small_world / "world.json").read_text())["version"] == 1
+    assert _rewritten(copy, lambda: build_zoo(copy, small_world, ZooSpec(**records["clip"]["spec"]))) == []
+
+
+def test_parts_share_the_cores_only_when_they_train_side_by_side():
+    from mmpeft.zoo.build import part_threads
+
+    assert part_threads(["clip", "lm", "vae", "sd"], workers=2, cores=2) == 1
+    assert part_threads(["lm", "sd"], workers=2, cores=2) == 1  # lm and sd start together when clip and vae are built
+    assert part_threads(["vae", "sd"], workers=2, cores=2) == 2  # sd waits for vae
+    assert part_threads(["clip", "sd"], workers=2, cores=2) == 2  # sd waits for clip
+    assert part_threads(["lm"], workers=2, cores=2) == 2
+    assert part_threads(["clip", "vae"], workers=1, cores=2) == 2
 
 
 def test_tiny_preset_loads_each_part_by_path(small_zoo):
@@ -140,13 +185,10 @@ def test_an_lm_built_before_answer_only_chats_is_retrained(small_zoo, small_worl
     from mmpeft.zoo.build import ZooSpec
 
     root, records = small_zoo
-    copy = tmp_path / "zoo"
-    shutil.copytree(root, copy)
+    copy = _copy_of(root, tmp_path)
     marker = copy / "lm" / "zoo_part.json"
     record = json.loads(marker.read_text())
     del record["spec"]["lm_chat_loss"]  # as written before the field existed, when chats were learned whole
     marker.write_text(json.dumps(record))
-    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*.safetensors")}
-    build_zoo(copy, small_world, ZooSpec(**records["clip"]["spec"]))  # two workers, one part: all threads
-    changed = sorted({p.relative_to(copy).parts[0] for p in before if p.stat().st_mtime_ns != before[p]})
-    assert changed == ["lm"]
+    # two workers, one part: all threads
+    assert _rewritten(copy, lambda: build_zoo(copy, small_world, ZooSpec(**records["clip"]["spec"]))) == ["lm"]
