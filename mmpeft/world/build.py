@@ -93,10 +93,15 @@ def scene_chats(n: int, rng: random.Random, questions_per_chat: int = 3) -> list
         scene = sample_scene(rng)
         questions = qa_pairs(scene, rng)
         rng.shuffle(questions)
-        chat = _conversation(questions[:questions_per_chat], text_description(scene), rng, False)
-        rows.append({"messages": [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
-                                  for t in chat], "type": questions[0]["type"], "options": questions[0]["options"]})
+        rows.append(_chat_row(questions[:questions_per_chat], scene, rng))
     return rows
+
+
+def _chat_row(questions: list[dict], scene, rng: random.Random) -> dict:
+    """A text-only chat (a row of `lm/*.jsonl`): the scene's description, then `questions`."""
+    chat = _conversation(questions, text_description(scene), rng, False)
+    return {"messages": [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                         for t in chat], "type": questions[0]["type"], "options": questions[0]["options"]}
 
 
 def _conversation(pairs: list[dict], first_prefix: str, rng: random.Random, image: bool) -> list[dict]:
@@ -144,10 +149,7 @@ def _write_split(root: Path, spec: WorldSpec, split: str, first_id: int, rng: ra
                                         {"from": "gpt", "value": caps[0]}]
         llava.append(record)
         lm_rows.append({"text": caps[rng.randrange(5)]})
-        chat = _conversation(questions[:3], text_description(scene), rng, False)
-        lm_rows.append({"messages": [{"role": "user" if t["from"] == "human" else "assistant",
-                                      "content": t["value"]} for t in chat],
-                        "type": questions[0]["type"], "options": questions[0]["options"]})
+        lm_rows.append(_chat_row(questions[:3], scene, rng))
     categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
     ann_dir = root / "coco" / "annotations"
     info = {"description": "mmpeft tiny world", "version": str(spec.version)}
