@@ -110,13 +110,14 @@ def _part_done(out: Path, spec: ZooSpec, world: dict) -> dict | None:
     return None
 
 
-def build_tokenizers(root: Path, world: Path) -> None:
+def build_tokenizers(root: Path, world: Path, ours: dict) -> None:
     """LM and CLIP tokenizers, trained on the world's training text; `tokenizers/done`
-    holds the world's spec."""
+    holds the world's spec, `ours` (an empty file: written before the zoo noted its world)."""
     from .tokenizers import train_clip_tokenizer, train_lm_tokenizer
 
-    done, ours = root / "tokenizers" / "done", world_record(world)
-    if done.exists() and _same_world(json.loads(done.read_text()) if done.read_text().strip() else None, ours):
+    done = root / "tokenizers" / "done"
+    recorded = done.read_text().strip() if done.exists() else None
+    if recorded is not None and _same_world(json.loads(recorded) if recorded else None, ours):
         return
     rows = _jsonl(world / "lm" / "train.jsonl")
     texts = [r["text"] for r in rows if "text" in r]
@@ -316,8 +317,8 @@ def build_zoo(root: str | os.PathLike, world: str | os.PathLike, spec: ZooSpec =
     each part's record (spec, metrics, seconds)."""
     root, world = Path(root), Path(world)
     root.mkdir(parents=True, exist_ok=True)
-    build_tokenizers(root, world)
     ours = world_record(world)
+    build_tokenizers(root, world, ours)
     records = {name: _part_done(root / name, spec, ours) for name in _PARTS}
     todo = [name for name, rec in records.items()
             if rec is None or any(records[need] is None for need in PART_NEEDS.get(name, ()))]
