@@ -110,7 +110,8 @@ def _join(parts: list[str]) -> str:
 
 
 def captions(scene: list[Thing], rng: random.Random) -> list[str]:
-    """Five captions in different wordings, as COCO gives five per image."""
+    """Five captions in different wordings, as COCO gives five per image; the first names
+    every object's size, colour, shape and cell."""
     order = list(scene)
     rng.shuffle(order)
     n = len(scene)

@@ -44,7 +44,9 @@ class ZooSpec:
     lm_chat_loss: str = "answers"  # chats: learn only the answers ("answers") or every token ("all")
     vae_steps: int = 400
     unet_steps: int = 1200
-    sd_single_objects: int = 4000  # extra one-object scenes beside the world's images
+    sd_single_objects: int = 8000  # one-object scenes drawn from the world's scene sampler
+    sd_world_images: bool = False  # the world's 1-3 object training images too (halves colour and cell)
+    sd_captions: str = "placed"  # UNet's captions: "placed" (the one naming each object's cell) or "all" five
     sd_image_size: int = 32
     eval_questions: int = 300
     version: int = ZOO_VERSION
@@ -90,11 +92,12 @@ PART_FIELDS = {
     "lm": ("version", "seed", "lm_steps", "lm_extra_chats", "lm_chat_questions", "lm_chat_loss", "eval_questions"),
     "vae": ("version", "seed", "vae_steps", "sd_image_size"),
     "sd": ("version", "seed", "clip_steps", "vae_steps", "sd_image_size", "unet_steps", "sd_single_objects",
-           "eval_questions"),
+           "sd_world_images", "sd_captions", "eval_questions"),
 }
 PART_NEEDS = {"sd": ("clip", "vae")}
 # What parts built before a field existed did; a field not listed here had its default.
-BEFORE_FIELD = {"lm_chat_loss": "all"}
+BEFORE_FIELD = {"lm_chat_loss": "all", "sd_world_images": True, "sd_captions": "all"}
+SD_CAPTIONS = ("placed", "all")
 
 
 def _part_done(out: Path, spec: ZooSpec, world: dict) -> dict | None:
@@ -215,24 +218,19 @@ def build_vae(root: Path, world: Path, spec: ZooSpec) -> dict:
 
 def build_sd(root: Path, world: Path, spec: ZooSpec) -> dict:
     """Train the UNet on the frozen VAE and CLIP text encoder, then save and score the
-    whole `StableDiffusionPipeline` folder."""
+    whole `StableDiffusionPipeline` folder. By default it learns one-object scenes, each
+    with the caption that names the object's cell: with the world's 1-3 object images or
+    the four captions that leave cells out beside them, it learns colour and cell far less."""
     from diffusers import AutoencoderKL
     from transformers import CLIPModel, CLIPTokenizer
 
-    from ..world.scene import captions, render, sample_scene
     from .diffusion import make_pipeline, tiny_unet, train_unet
 
     start, out = time.time(), root / "sd"
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizers" / "clip")
     text_encoder = CLIPModel.from_pretrained(root / "clip").text_model.eval()
     vae = AutoencoderKL.from_pretrained(root / "vae").eval()
-    train, train_pil = _images(world, "train", spec.sd_image_size)
-    caption_sets = [im.captions for im in train]
-    rng = random.Random(spec.seed)
-    for _ in range(spec.sd_single_objects):  # one-object scenes: where a caption's words map onto pixels plainly
-        scene = sample_scene(rng, 1)
-        train_pil.append(render(scene, 64).resize((spec.sd_image_size,) * 2, Image.Resampling.BOX))
-        caption_sets.append(captions(scene, rng))
+    train_pil, caption_sets = sd_training_set(world, spec)
     with torch.no_grad():
         x = _pixels(train_pil)
         latents = torch.cat([vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
@@ -252,6 +250,27 @@ def build_sd(root: Path, world: Path, spec: ZooSpec) -> dict:
     metrics = sd_attribute_accuracy(pipe, world, spec)
     metrics["final_loss"] = float(np.mean(losses[-50:]))
     return _finish(out, spec, world, metrics, time.time() - start)
+
+
+def sd_training_set(world: Path, spec: ZooSpec) -> tuple[list[Image.Image], list[list[str]]]:
+    """The UNet's images at `sd_image_size` and each one's captions: `sd_single_objects`
+    fresh one-object scenes (where a caption's words map onto pixels plainly), after the
+    world's training images when `sd_world_images`; every caption, or with
+    `sd_captions="placed"` only the first, which names each object's cell."""
+    from ..world.scene import captions, render, sample_scene
+
+    if spec.sd_captions not in SD_CAPTIONS:
+        raise ValueError(f"ZooSpec.sd_captions must be one of {SD_CAPTIONS}, got {spec.sd_captions!r}")
+    train, pil = _images(world, "train", spec.sd_image_size) if spec.sd_world_images else ([], [])
+    caption_sets = [im.captions for im in train]
+    rng = random.Random(spec.seed)
+    for _ in range(spec.sd_single_objects):
+        scene = sample_scene(rng, 1)
+        pil.append(render(scene, 64).resize((spec.sd_image_size,) * 2, Image.Resampling.BOX))
+        caption_sets.append(captions(scene, rng))
+    if spec.sd_captions == "placed":  # three of the five captions leave the cells out: noise to the UNet
+        caption_sets = [caps[:1] for caps in caption_sets]
+    return pil, caption_sets
 
 
 def _encode_prompt(text_encoder, tokenizer, texts: list[str]) -> torch.Tensor:

@@ -2,6 +2,7 @@ import json
 import shutil
 import time
 
+import pytest
 import torch
 from PIL import Image
 
@@ -192,3 +193,33 @@ def test_an_lm_built_before_answer_only_chats_is_retrained(small_zoo, small_worl
     marker.write_text(json.dumps(record))
     # two workers, one part: all threads
     assert _rewritten(copy, lambda: build_zoo(copy, small_world, ZooSpec(**records["clip"]["spec"]))) == ["lm"]
+
+
+def test_sd_learns_one_object_scenes_with_the_caption_that_names_the_cell(small_world):
+    from dataclasses import replace
+
+    from mmpeft.zoo.build import ZooSpec, sd_training_set
+
+    spec = replace(ZooSpec(), sd_single_objects=6)
+    images, caption_sets = sd_training_set(small_world, spec)
+    assert len(images) == len(caption_sets) == 6 and images[0].size == (32, 32)
+    assert all(len(caps) == 1 and caps[0].count(" at the ") == 1 for caps in caption_sets)
+    world_too, all_captions = sd_training_set(small_world, replace(spec, sd_world_images=True, sd_captions="all"))
+    assert len(world_too) == len(all_captions) == 40 + 6  # the small world's 40 training images first
+    assert all(len(caps) == 5 for caps in all_captions)
+    assert [caps[0] for caps in all_captions[40:]] == [caps[0] for caps in caption_sets]
+    with pytest.raises(ValueError, match="sd_captions"):
+        sd_training_set(small_world, replace(spec, sd_captions="some"))
+
+
+def test_an_sd_built_on_the_world_images_and_every_caption_is_retrained(small_zoo, small_world, tmp_path):
+    from mmpeft.zoo.build import ZooSpec
+
+    root, records = small_zoo
+    copy = _copy_of(root, tmp_path)
+    marker = copy / "sd" / "zoo_part.json"
+    record = json.loads(marker.read_text())
+    for field in ("sd_world_images", "sd_captions"):  # as written before these fields existed
+        del record["spec"][field]
+    marker.write_text(json.dumps(record))
+    assert _rewritten(copy, lambda: build_zoo(copy, small_world, ZooSpec(**records["clip"]["spec"]))) == ["sd"]
