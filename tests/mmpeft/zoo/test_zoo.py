@@ -56,6 +56,15 @@ def _rewritten(folder, build) -> list[str]:
     return sorted({p.relative_to(folder).parts[0] for p in before if p.stat().st_mtime_ns != before[p]})
 
 
+def _written_before(part, *fields) -> None:
+    """Make `part`'s record look as written before `fields` existed in `ZooSpec`."""
+    marker = part / "zoo_part.json"
+    record = json.loads(marker.read_text())
+    for field in fields:
+        del record["spec"][field]
+    marker.write_text(json.dumps(record))
+
+
 def test_a_changed_setting_retrains_only_the_parts_that_depend_on_it(small_zoo, small_world, tmp_path):
     from dataclasses import replace
 
@@ -187,10 +196,7 @@ def test_an_lm_built_before_answer_only_chats_is_retrained(small_zoo, small_worl
 
     root, records = small_zoo
     copy = _copy_of(root, tmp_path)
-    marker = copy / "lm" / "zoo_part.json"
-    record = json.loads(marker.read_text())
-    del record["spec"]["lm_chat_loss"]  # as written before the field existed, when chats were learned whole
-    marker.write_text(json.dumps(record))
+    _written_before(copy / "lm", "lm_chat_loss")  # when chats were learned whole
     # two workers, one part: all threads
     assert _rewritten(copy, lambda: build_zoo(copy, small_world, ZooSpec(**records["clip"]["spec"]))) == ["lm"]
 
@@ -217,9 +223,5 @@ def test_an_sd_built_on_the_world_images_and_every_caption_is_retrained(small_zo
 
     root, records = small_zoo
     copy = _copy_of(root, tmp_path)
-    marker = copy / "sd" / "zoo_part.json"
-    record = json.loads(marker.read_text())
-    for field in ("sd_world_images", "sd_captions"):  # as written before these fields existed
-        del record["spec"][field]
-    marker.write_text(json.dumps(record))
+    _written_before(copy / "sd", "sd_world_images", "sd_captions")
     assert _rewritten(copy, lambda: build_zoo(copy, small_world, ZooSpec(**records["clip"]["spec"]))) == ["sd"]
