@@ -61,4 +61,15 @@ def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> CLIPTok
     tok.train_from_iterator(texts, trainer)
     # the trained merges are reachable only through the tokenizer's JSON form
     merges = [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
-    return CLIPTokenizer(vocab=tok.get_vocab(), merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=_fixed_ids(tok.get_vocab(), trainer.special_tokens), merges=merges,
+                         model_max_length=77)
+
+
+def _fixed_ids(vocab: dict[str, int], specials) -> dict[str, int]:
+    """The same tokens numbered by a fixed rule: the special tokens in their order, then
+    every other token in string order. The BPE trainer numbers the word-final characters it
+    meets (`k</w>`, `,</w>`) in hash-map order, which changes from one run to the next, and
+    so does the order of merges whose counts tie (`o n</w>`, `o f</w>`); the ids pick CLIP's
+    embedding rows, so with them the same seed trained a different CLIP in every build."""
+    specials = [s.content for s in specials]
+    return {t: i for i, t in enumerate(specials + sorted(set(vocab) - set(specials)))}

@@ -225,3 +225,19 @@ def test_an_sd_built_on_the_world_images_and_every_caption_is_retrained(small_zo
     copy = _copy_of(root, tmp_path)
     _written_before(copy / "sd", "sd_world_images", "sd_captions")
     assert _rewritten(copy, lambda: build_zoo(copy, small_world, ZooSpec(**records["clip"]["spec"]))) == ["sd"]
+
+
+def test_clip_tokenizer_is_the_same_in_every_build(small_world):
+    from mmpeft.data.coco import read_coco
+    from mmpeft.zoo.tokenizers import train_clip_tokenizer
+
+    captions = [c for im in read_coco(small_world / "coco/train", small_world / "coco/annotations/captions_train.json")
+                for c in im.captions]
+    # the trainer's hash-map order changes with each run, within one process too
+    builds = [train_clip_tokenizer(captions) for _ in range(5)]
+    first = builds[0].get_vocab()
+    assert all(t.get_vocab() == first for t in builds[1:])
+    assert all(t(captions).input_ids == builds[0](captions).input_ids for t in builds[1:])
+    assert [first[s] for s in ("<|startoftext|>", "<|endoftext|>")] == [0, 1]
+    others = sorted(t for t in first if not t.startswith("<|"))
+    assert [first[t] for t in others] == list(range(2, len(first)))
