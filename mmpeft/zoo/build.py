@@ -48,6 +48,7 @@ class ZooSpec:
     sd_world_images: bool = False  # the world's 1-3 object training images too (halves colour and cell)
     sd_captions: str = "placed"  # UNet's captions: "placed" (the one naming each object's cell) or "all" five
     sd_image_size: int = 32
+    sd_text_length: int = 32  # tokens the SD tokenizer pads prompts to; the world's captions take at most 31
     eval_questions: int = 300
     version: int = ZOO_VERSION
 
@@ -92,11 +93,11 @@ PART_FIELDS = {
     "lm": ("version", "seed", "lm_steps", "lm_extra_chats", "lm_chat_questions", "lm_chat_loss", "eval_questions"),
     "vae": ("version", "seed", "vae_steps", "sd_image_size"),
     "sd": ("version", "seed", "clip_steps", "vae_steps", "sd_image_size", "unet_steps", "sd_single_objects",
-           "sd_world_images", "sd_captions", "eval_questions"),
+           "sd_world_images", "sd_captions", "sd_text_length", "eval_questions"),
 }
 PART_NEEDS = {"sd": ("clip", "vae")}
 # What parts built before a field existed did; a field not listed here had its default.
-BEFORE_FIELD = {"lm_chat_loss": "all", "sd_world_images": True, "sd_captions": "all"}
+BEFORE_FIELD = {"lm_chat_loss": "all", "sd_world_images": True, "sd_captions": "all", "sd_text_length": 77}
 SD_CAPTIONS = ("placed", "all")
 
 
@@ -228,14 +229,24 @@ def build_sd(root: Path, world: Path, spec: ZooSpec) -> dict:
 
     start, out = time.time(), root / "sd"
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizers" / "clip")
+    # the UNet attends to every padded position, so a shorter pad than CLIP's 77 trains it faster
+    tokenizer.model_max_length = spec.sd_text_length
     text_encoder = CLIPModel.from_pretrained(root / "clip").text_model.eval()
     vae = AutoencoderKL.from_pretrained(root / "vae").eval()
     train_pil, caption_sets = sd_training_set(world, spec)
+    texts = [c for caps in caption_sets for c in caps] + [""]
+    # MiniGPT-5 and GILL condition the UNet on the world's captions: they must fit too
+    world_captions = [c for im in read_coco(world / "coco/train", world / "coco/annotations/captions_train.json")
+                      for c in im.captions]
+    lengths = [len(ids) for ids in tokenizer(texts + world_captions).input_ids]
+    if max(lengths) > spec.sd_text_length:
+        longest = (texts + world_captions)[int(np.argmax(lengths))]
+        raise ValueError(f"ZooSpec.sd_text_length={spec.sd_text_length} would cut the caption {longest!r} "
+                         f"({max(lengths)} tokens)")
     with torch.no_grad():
         x = _pixels(train_pil)
         latents = torch.cat([vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
         latents = latents * vae.config.scaling_factor
-        texts = [c for caps in caption_sets for c in caps] + [""]
         embeds = torch.cat([_encode_prompt(text_encoder, tokenizer, texts[i:i + 512])
                             for i in range(0, len(texts), 512)])
     index, k = [], 0

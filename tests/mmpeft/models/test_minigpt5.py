@@ -112,7 +112,8 @@ def _batch(built, n=3):
     for k in range(n):
         s = caption_voken_sample(f"s{k}", b"", f"a caption {k}", "Draw: {caption}")
         rows.append({**encoder.encode_text(s.sample), "target_latents": torch.randn(1, 4, 8, 8),
-                     "caption_embeds": torch.randn(1, 77, pipeline.unet.config.cross_attention_dim)})
+                     "caption_embeds": torch.randn(1, pipeline.tokenizer.model_max_length,
+                                                     pipeline.unet.config.cross_attention_dim)})
     return collate_vokens(0)(rows)
 
 

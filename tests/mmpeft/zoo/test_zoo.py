@@ -155,6 +155,21 @@ def test_sd_text_encoder_is_the_clip_text_tower(small_zoo):
         assert torch.equal(value, clip.text_model.state_dict()[name]), name
 
 
+def test_sd_pads_prompts_to_its_text_length_and_refuses_one_that_cuts_a_caption(small_zoo, small_world, tmp_path):
+    from dataclasses import replace
+
+    from mmpeft.zoo.build import ZooSpec, build_sd
+
+    root, records = small_zoo
+    spec = ZooSpec(**records["sd"]["spec"])
+    pipe = load_diffusion(resolve_preset("tiny", zoo_dir=root))
+    assert pipe.tokenizer.model_max_length == spec.sd_text_length == 32
+    assert load_clip(resolve_preset("tiny", zoo_dir=root))[1].tokenizer.model_max_length == 77
+    copy = _copy_of(root, tmp_path)
+    with pytest.raises(ValueError, match=r"sd_text_length=8 would cut the caption '.+' \(\d+ tokens\)"):
+        build_sd(copy, small_world, replace(spec, sd_text_length=8))
+
+
 def test_lm_chat_template_marks_assistant_tokens(small_zoo):
     root, _ = small_zoo
     _, tokenizer = load_lm(resolve_preset("tiny", zoo_dir=root))
