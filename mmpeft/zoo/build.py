@@ -62,6 +62,12 @@ def _images(world: Path, split: str, size: int | None = None):
     return coco, pil
 
 
+def _train_captions(world: Path) -> list[str]:
+    """Every caption of the world's training images, image by image."""
+    return [c for im in read_coco(world / "coco/train", world / "coco/annotations/captions_train.json")
+            for c in im.captions]
+
+
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -127,9 +133,7 @@ def build_tokenizers(root: Path, world: Path, ours: dict) -> None:
     texts = [r["text"] for r in rows if "text" in r]
     texts += [f"{m['role']}\n{m['content']}" for r in rows if "messages" in r for m in r["messages"]]
     train_lm_tokenizer(texts).save_pretrained(root / "tokenizers" / "lm")
-    captions = [c for im in read_coco(world / "coco/train", world / "coco/annotations/captions_train.json")
-                for c in im.captions]
-    train_clip_tokenizer(captions).save_pretrained(root / "tokenizers" / "clip")
+    train_clip_tokenizer(_train_captions(world)).save_pretrained(root / "tokenizers" / "clip")
     done.write_text(json.dumps(ours) + "\n")
 
 
@@ -236,11 +240,10 @@ def build_sd(root: Path, world: Path, spec: ZooSpec) -> dict:
     train_pil, caption_sets = sd_training_set(world, spec)
     texts = [c for caps in caption_sets for c in caps] + [""]
     # MiniGPT-5 and GILL condition the UNet on the world's captions: they must fit too
-    world_captions = [c for im in read_coco(world / "coco/train", world / "coco/annotations/captions_train.json")
-                      for c in im.captions]
-    lengths = [len(ids) for ids in tokenizer(texts + world_captions).input_ids]
+    checked = texts + _train_captions(world)
+    lengths = [len(ids) for ids in tokenizer(checked).input_ids]
     if max(lengths) > spec.sd_text_length:
-        longest = (texts + world_captions)[int(np.argmax(lengths))]
+        longest = checked[int(np.argmax(lengths))]
         raise ValueError(f"ZooSpec.sd_text_length={spec.sd_text_length} would cut the caption {longest!r} "
                          f"({max(lengths)} tokens)")
     with torch.no_grad():
