@@ -18,11 +18,11 @@ import time
 import torch
 from side_by_side import compare, parser, preset_and_data, report
 
+from mmpeft.data.conversation import ConversationEncoder, read_caption_shards
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
 from mmpeft.data.feature_cache import prepare_feature_cache, tower_features
-from mmpeft.data.llava import ConversationEncoder, read_caption_shards
 from mmpeft.data.templates import chat_template
-from mmpeft.models.llava import add_image_token, build_llava, llava_forward, llava_parts, load_base_models
+from mmpeft.llava.model import add_image_token, build_llava, llava_forward, llava_parts, load_base_models
 from mmpeft.models.trainable import apply_trainability
 
 TARGET = 3.0

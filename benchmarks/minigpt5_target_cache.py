@@ -18,13 +18,13 @@ import time
 import torch
 from side_by_side import compare, parser, preset_and_data, report
 
+from mmpeft.data.conversation import ConversationEncoder, read_caption_shards
 from mmpeft.data.diffusion_targets import CaptionTargets, LatentTargets, prepare_targets, sd_resolution
-from mmpeft.data.llava import ConversationEncoder, read_caption_shards
 from mmpeft.data.stories import VokenDataset, caption_voken_sample, collate_vokens
 from mmpeft.data.templates import chat_template
-from mmpeft.models.llava import llava_parts, load_base_models
-from mmpeft.models.minigpt5 import LossWeights, MiniGPT5, VokenMapper
-from mmpeft.models.minigpt5_io import assemble_minigpt5, empty_caption, mapper_settings, training_scheduler
+from mmpeft.llava.model import llava_parts, load_base_models
+from mmpeft.minigpt5.checkpoint import assemble_minigpt5, empty_caption, mapper_settings, training_scheduler
+from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper
 from mmpeft.models.trainable import apply_trainability
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_diffusion

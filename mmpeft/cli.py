@@ -3,7 +3,8 @@
     mmpeft world      build the tiny world (data) into the cache
     mmpeft zoo        build the world and the tiny model zoo, print the zoo's figures
     mmpeft pipeline   everything on the built-in default (world, zoo, data_gen, LLaVA stages 1
-                      and 2, MiniGPT-5 stages 1 and 2, GILL), printing each part's figures
+                      and 2, MiniGPT-5 stages 1 and 2, GILL), printing each part's figures and
+                      writing them to OUTPUT/figures.json and OUTPUT/figures.md
     mmpeft connectors LLaVA stages 1 and 2 with the qformer, perceiver_resampler and MiniGPT-4
                       connectors, and Flamingo's fusion, beside the mlp2x_gelu baseline
     mmpeft push OUTPUT_DIR --repo-id user/name [--private] [--revision R] [--dry-run]
@@ -17,167 +18,18 @@ The cache is `--cache`, else `$MMPEFT_CACHE`, else `~/.cache/mmpeft`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .tiny import cache_root, world_and_zoo
-from .world import WorldSpec, build_world
-
-
-def zoo_figures(records: dict) -> list[tuple[str, str, float, str]]:
-    """Rows of (part, figure, value, reference) for printing."""
-    clip, lm, vae, sd = (records[k]["metrics"] for k in ("clip", "lm", "vae", "sd"))
-    rows = [
-        ("clip", f"image->text recall@1 over {clip['candidates']} test images", clip["image_to_text_r1"],
-         f"chance {clip['chance_r1']:.3f}"),
-        ("clip", "text->image recall@1", clip["text_to_image_r1"], f"chance {clip['chance_r1']:.3f}"),
-        ("lm", f"answer accuracy from a text description ({lm['questions']} questions)", lm["text_qa_accuracy"],
-         f"chance {lm['chance']:.3f}"),
-        ("lm", "test perplexity on the tokens it learns", lm["test_perplexity"], f"uniform guess {lm['vocab_size']}"),
-        ("vae", "test reconstruction MSE", vae["test_reconstruction_mse"],
-         f"pixel variance {vae['pixel_variance']:.3f}"),
-    ]
-    for attr in ("colour", "shape", "where"):
-        for g in ("1", "3"):
-            rows.append(("sd", f"{attr} right in samples, guidance {g} ({sd['prompts']} captions)",
-                         sd[f"guidance_{g}"][attr],
-                         f"chance {sd['chance'][attr]:.3f}, true images {sd['true_images'][attr]:.3f}"))
-    return rows
-
-
-def print_table(title: str, rows) -> None:
-    """A plain aligned table on stdout."""
-    print(f"\n{title}")
-    width, name = max(len(r[1]) for r in rows), max(len(r[0]) for r in rows)
-    for part, figure, value, reference in rows:
-        shown = f"{value:>8d}" if isinstance(value, int) else f"{value:>8.3f}"
-        print(f"  {part:<{name}} {figure:<{width}}  {shown}   ({reference})")
-
-
-def _llava_rows(name: str, m: dict) -> list:
-    return [(name, "training loss, first -> last step", m["last_loss"], f"first {m['first_loss']:.3f}"),
-            (name, "answer accuracy on held-out questions", m["answer_accuracy_after"],
-             f"before training {m['answer_accuracy_before']:.3f}, chance {m['chance']:.3f}")]
-
-
-def _minigpt5_stage1_rows(name: str, m: dict) -> list:
-    return [(name, "training loss, first -> last step", m["loss"], f"first {m['first_loss']:.3f}"),
-            (name, "held-out diffusion loss, mapped voken conditioning", m["heldout_diffusion_loss_right"],
-             f"shuffled {m['heldout_diffusion_loss_shuffled']:.4f}, gap {m['heldout_diffusion_loss_gap']:.4f} +- "
-             f"{m['heldout_diffusion_loss_gap_se']:.4f}")]
-
-
-def _minigpt5_stage2_rows(name: str, m: dict) -> list:
-    return [(name, "training loss, first -> last step", m["loss"], f"first {m['first_loss']:.3f}"),
-            (name, f"vokens emitted where an image belongs ({m['stories']} stories)", m["voken_emission_where_image"],
-             f"where none belongs {m['voken_emission_where_text']:.2f}"),
-            (name, "held-out diffusion loss, mapped voken conditioning", m["diffusion_loss_right"],
-             f"shuffled {m['diffusion_loss_shuffled']:.4f}, gap {m['diffusion_loss_gap']:.4f} +- "
-             f"{m['diffusion_loss_gap_se']:.4f}"),
-            (name, "CLIP similarity, generated vs true last image", m["clip_image_similarity"],
-             f"shuffled pairs {m['clip_image_similarity_shuffled']:.3f}, SD given the true caption "
-             f"{m['clip_image_similarity_sd_caption']:.3f}"),
-            (name, "CLIP text-image similarity with guidance", m["clip_text_similarity_guided"],
-             f"without guidance {m['clip_text_similarity_unguided']:.3f}")]
-
-
-def _gill_rows(name: str, m: dict) -> list:
-    return [(name, "training loss, first -> last step", m["loss"], f"first {m['first_loss']:.3f}"),
-            (name, f"text-to-image recall@1 from [IMG] tokens ({m['images']} images)", m["recall_at_1"],
-             f"tiny CLIP text encoder {m['clip_text_recall_at_1']:.3f}, chance {m['chance_at_1']:.3f}"),
-            (name, "text-to-image recall@5 from [IMG] tokens", m["recall_at_5"],
-             f"tiny CLIP text encoder {m['clip_text_recall_at_5']:.3f}, chance {m['chance_at_5']:.3f}"),
-            (name, f"CLIP similarity, generated vs true image ({m['generated']} captions)", m["clip_image_similarity"],
-             f"shuffled pairs {m['clip_image_similarity_shuffled']:.3f}"),
-            (name, "retrieve-or-generate decision accuracy", m["decision_accuracy"],
-             f"majority class {m['decision_majority']:.3f}"),
-            (name, f"story last image, CLIP similarity from captions + images ({m['story_stories']})",
-             m["story_captions_images_clip_image_similarity"],
-             f"captions only {m['story_captions_clip_image_similarity']:.3f}"),
-            (name, "story last image, recall@1 from captions + images", m["story_captions_images_recall_at_1"],
-             f"captions only {m['story_captions_recall_at_1']:.3f}, chance {1 / m['story_stories']:.3f}")]
-
-
-RECIPES = [  # (script, output folder, extra overrides, figures), in the order they build on each other
-    ("llava_pretrain.py", "llava_pretrain_tiny", [], _llava_rows),
-    ("llava_finetune.py", "llava_finetune_tiny", ["model.init_connector={out}/llava_pretrain_tiny"], _llava_rows),
-    # MiniGPT-5 reads context images through the LLaVA connector trained above (as it reuses MiniGPT-4's)
-    ("minigpt5_stage1.py", "minigpt5_stage1_tiny", ["model.init_connector={out}/llava_finetune_tiny"],
-     _minigpt5_stage1_rows),
-    ("minigpt5_stage2.py", "minigpt5_stage2_tiny", ["model.init_from={out}/minigpt5_stage1_tiny"],
-     _minigpt5_stage2_rows),
-    ("gill.py", "gill_tiny", [], _gill_rows),
-]
-
-
-def run_recipes(out: Path, cache: Path) -> None:
-    """Run data_gen and each recipe on the tiny preset as a user would, then print their figures."""
-    repo = Path(__file__).resolve().parents[1]
-    if not (repo / "recipes").is_dir():
-        raise FileNotFoundError(f"no recipes/ beside the package at {repo}: install from a clone with pip install -e .")
-    rows = []
-    data = out / "data_gen" / "llava_instruct.json"
-    cmd = [sys.executable, str(repo / "data_gen" / "make_llava_instruct.py"), "--output", str(data), "--no-progress"]
-    print(f"\n$ {' '.join(cmd[1:])}", flush=True)
-    subprocess.run(cmd, check=True, cwd=repo, env={**os.environ, "MMPEFT_CACHE": str(cache)})
-    s = json.loads(data.with_name(data.name + ".summary.json").read_text())
-    rows.append(("data_gen", f"LLaVA records written of {s['jobs']} asked (SmolLM2-135M teacher)", s["records"],
-                 f"rejected replies {sum(s['rejected'].values())}, {s['tokens'] / max(s['seconds'], 1e-9):.1f} "
-                 "tokens/s"))
-    for script, name, extra, figures in RECIPES:
-        cmd = [sys.executable, str(repo / "recipes" / script), f"training.output_dir={out / name}",
-               f"tiny.cache={cache}", *[e.format(out=out) for e in extra]]
-        print(f"\n$ {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True, cwd=repo)
-        rows += figures(name, json.loads((out / name / "metrics.json").read_text()))
-    print_table("Recipes on the tiny preset:", rows)
-
-
-def _llava_stages(suffix: str) -> list:
-    stage1 = f"llava_pretrain{suffix}_tiny"
-    return [("llava_pretrain", stage1, []),
-            ("llava_finetune", f"llava_finetune{suffix}_tiny", [f"model.init_connector={{out}}/{stage1}"])]
-
-
-# Every connector's last run (stage 2, or Flamingo's one stage) trains this many steps, so the
-# comparison holds when one recipe's own default changes (llava_finetune_tiny's is 3,000).
-CONNECTOR_STEPS = 1000
-
-CONNECTORS = [  # (name, what it is, [(script, config and output folder, overrides)]): same data and questions
-    ("mlp2x_gelu", "LLaVA-1.5's MLP, the baseline", _llava_stages("")),
-    ("qformer", "BLIP-2's Q-Former", _llava_stages("_qformer")),
-    ("perceiver_resampler", "Flamingo's Perceiver Resampler", _llava_stages("_resampler")),
-    ("minigpt4", "MiniGPT-4: Q-Former, only its projection trains, LM frozen", _llava_stages("_minigpt4")),
-    ("gated_xattn", "Flamingo: resampler + gated cross-attention, LM frozen", [("flamingo", "flamingo_tiny", [])]),
-]
-
-
-def run_connectors(out: Path, cache: Path) -> None:
-    """LLaVA stages 1 and 2 with each connector, and Flamingo's fusion, on the tiny preset;
-    then their held-out answer accuracy next to chance and to the `mlp2x_gelu` baseline."""
-    repo = Path(__file__).resolve().parents[1]
-    results = {}
-    for name, _, runs in CONNECTORS:
-        for k, (script, run, extra) in enumerate(runs):
-            steps = [f"training.max_steps={CONNECTOR_STEPS}"] if k == len(runs) - 1 else []
-            cmd = [sys.executable, str(repo / "recipes" / f"{script}.py"), "--config",
-                   str(repo / "recipes" / "configs" / f"{run}.yaml"), f"training.output_dir={out / run}",
-                   f"tiny.cache={cache}", *[e.format(out=out) for e in extra], *steps]
-            print(f"\n$ {' '.join(cmd[1:])}", flush=True)
-            subprocess.run(cmd, check=True, cwd=repo)
-        results[name] = json.loads((out / runs[-1][1] / "metrics.json").read_text())
-    base = results["mlp2x_gelu"]["answer_accuracy_after"]
-    print_table("Held-out answer accuracy with each connector (LLaVA stages 1 and 2, or Flamingo):", [
-        (name, what, results[name]["answer_accuracy_after"],
-         f"chance {results[name]['chance']:.3f}, mlp2x_gelu {base:.3f}") for name, what, _ in CONNECTORS])
+from mmpeft.tiny import cache_root, world_and_zoo
+from mmpeft.tiny.pipeline import ZOO_TITLE, print_table, run, zoo_figures
+from mmpeft.tiny.world import WorldSpec, build_world
 
 
 def _push(args) -> int:
-    from .hub import PushError, push
+    from mmpeft.hub import PushError, push
 
     try:
         push(args.folder, args.repo_id, private=args.private, revision=args.revision, license=args.license,
@@ -189,7 +41,7 @@ def _push(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_run
+    from mmpeft.export import export_run
 
     out = export_run(args.folder, args.out, lm=args.lm, clip=args.clip)
     print(f"exported {args.folder} to {out}")
@@ -235,11 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     world, zoo, records = world_and_zoo(cache, args.seed, args.workers)
     print(f"tiny world: {world}\ntiny zoo:   {zoo}")
-    print_table("Tiny zoo, scored on the world's test split:", zoo_figures(records))
-    if args.command == "pipeline":
-        run_recipes(Path(args.output), cache)
-    if args.command == "connectors":
-        run_connectors(Path(args.output), cache)
+    print_table(ZOO_TITLE, zoo_figures(records))
+    if args.command in ("pipeline", "connectors"):
+        run(args.command, Path(args.output), cache, records, start)
     print(f"\ndone in {time.time() - start:.0f} s")
     return 0
 

@@ -71,8 +71,3 @@ def fill(config: dict, **values: str) -> dict:
 
     return walk(copy.deepcopy(config))
 
-
-def needs_tiny_world(config: dict) -> bool:
-    """Whether any value refers to the tiny world or zoo, which then must be built."""
-    text = yaml.safe_dump(config)
-    return "{world}" in text or "{zoo}" in text or config.get("model", {}).get("preset") == "tiny"

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .models.llava_io import CONFIG_FILE
+from mmpeft.families import CONFIG_FILE, Family, family_of
 
 SHARED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja")
 LEFT_OUT = {  # top-level entries never shared, with the reason a dry run prints
@@ -26,43 +26,6 @@ LEFT_OUT = {  # top-level entries never shared, with the reason a dry run prints
     "trainer_state.json": "training state, for resuming",
     "README.md": "replaced by the generated model card",
 }
-FAMILIES = {"llava_pretrain": "llava", "llava_finetune": "llava", "minigpt5_stage1": "minigpt5",
-            "minigpt5_stage2": "minigpt5", "gill": "gill", "flamingo": "flamingo", "general_gpt": "general_gpt"}
-PIPELINE_TAGS = {"llava": "image-text-to-text", "minigpt5": "any-to-any", "gill": "any-to-any",
-                 "flamingo": "image-text-to-text", "general_gpt": "text-generation"}
-DESCRIPTIONS = {
-    "llava": "a LLaVA-style vision-language model (CLIP vision tower, connector, causal LM)",
-    "minigpt5": "a MiniGPT-5 model: a LLaVA-style LM that emits generative vokens, mapped into Stable "
-                "Diffusion's text-condition space",
-    "gill": "a GILL model: [IMG] tokens on a causal LM with a retrieval head, a generation mapper into "
-            "Stable Diffusion's text-condition space and a retrieve-or-generate decision head",
-    "flamingo": "a Flamingo-style model: a frozen causal LM reading images through a Perceiver Resampler and "
-                "gated cross-attention layers",
-    "general_gpt": "a General-GPT model: a causal LM that takes precomputed vectors in at <emb> and regresses "
-                   "them at [CLIP OUT]",
-}
-# metrics.json keys that go into the card's model-index: (key, metric type, task, what it is)
-CARD_METRICS = {
-    "llava": [("answer_accuracy_after", "accuracy", "visual-question-answering",
-               "answer accuracy on held-out questions")],
-    "minigpt5_stage1": [("heldout_diffusion_loss_right", "loss", "text-to-image",
-                         "held-out latent diffusion loss with the mapped voken conditioning")],
-    "minigpt5_stage2": [("voken_emission_where_image", "accuracy", "any-to-any",
-                         "vokens emitted where the story's next image belongs"),
-                        ("clip_image_similarity", "cosine_similarity", "text-to-image",
-                         "CLIP similarity of generated and true last story images")],
-    "flamingo": [("answer_accuracy_after", "accuracy", "visual-question-answering",
-                  "answer accuracy on held-out questions")],
-    "general_gpt": [("recall_at_1", "recall", "feature-extraction", "retrieval recall@1 from [CLIP OUT]"),
-                    ("caption_word_f1", "f1", "text-generation", "word F1 of captions generated from vectors")],
-    "gill": [("recall_at_1", "recall", "text-to-image", "text-to-image recall@1 from the [IMG] tokens"),
-             ("recall_at_5", "recall", "text-to-image", "text-to-image recall@5 from the [IMG] tokens"),
-             ("clip_image_similarity", "cosine_similarity", "text-to-image",
-              "CLIP similarity of generated and true images"),
-             ("decision_accuracy", "accuracy", "text-classification", "retrieve-or-generate decision accuracy")],
-}
-
-
 class PushError(RuntimeError):
     """A push that could not be done; the message says why and how to retry."""
 
@@ -85,9 +48,7 @@ def read_run(folder: str | Path) -> tuple[dict, dict]:
     if not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not an mmpeft output or checkpoint folder")
     settings = json.loads((folder / CONFIG_FILE).read_text())
-    if settings.get("recipe") not in FAMILIES:
-        raise ValueError(f"{folder / CONFIG_FILE}: field 'recipe' is {settings.get('recipe')!r}, not one of "
-                         f"{sorted(FAMILIES)}")
+    family_of(settings.get("recipe"), folder / CONFIG_FILE)  # an error naming the known recipes
     metrics_file = folder / "metrics.json"
     return settings, json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
 
@@ -129,17 +90,17 @@ def is_hub_id(source: str) -> bool:
     return True
 
 
-def _eval_results(family: str, recipe: str, metrics: dict, settings: dict):
+def _eval_results(family: Family, recipe: str, metrics: dict, settings: dict):
     from huggingface_hub import EvalResult
 
     eval_cfg = settings.get("config", {}).get("eval", {})
     pairs = eval_cfg.get("pairs")
     dataset = str(eval_cfg.get("questions") or (pairs or {}).get("path") or eval_cfg.get("stories") or "held-out split")
     results = []
-    for key, metric, task, name in CARD_METRICS.get(recipe, CARD_METRICS.get(family, [])):
-        if isinstance(metrics.get(key), (int, float)):
-            results.append(EvalResult(task_type=task, dataset_type="json", dataset_name=f"{recipe} eval: {dataset}",
-                                      metric_type=metric, metric_name=name, metric_value=float(metrics[key])))
+    for m in family.card_metrics.get(recipe, ()):
+        if isinstance(metrics.get(m.key), (int, float)):
+            results.append(EvalResult(task_type=m.task, dataset_type="json", dataset_name=f"{recipe} eval: {dataset}",
+                                      metric_type=m.metric, metric_name=m.name, metric_value=float(metrics[m.key])))
     return results
 
 
@@ -162,7 +123,7 @@ def model_card(plan: Plan, repo_id: str, license: str = "other", datasets: list[
 
     settings, metrics = plan.settings, plan.metrics
     recipe = settings["recipe"]
-    family = FAMILIES[recipe]
+    family = family_of(recipe)
     sources = settings["sources"]
     cfg = settings.get("config", {})
     qlora = bool(settings.get("qlora") or cfg.get("model", {}).get("qlora"))
@@ -170,8 +131,8 @@ def model_card(plan: Plan, repo_id: str, license: str = "other", datasets: list[
     lora_used = "lora" in trainable.values()
     data = ModelCardData(
         base_model=[s for s in sources.values() if is_hub_id(s)] or None, library_name="peft",
-        pipeline_tag=PIPELINE_TAGS[family], license=license, datasets=datasets or None, model_name=repo_id,
-        tags=["mmpeft", family, recipe, *(["qlora" if qlora else "lora"] if lora_used else [])],
+        pipeline_tag=family.pipeline_tag, license=license, datasets=datasets or None, model_name=repo_id,
+        tags=["mmpeft", family.name, recipe, *(["qlora" if qlora else "lora"] if lora_used else [])],
         eval_results=_eval_results(family, recipe, metrics, settings) or None)
     rows = [f"| {part} | `{source}`{'' if is_hub_id(source) else ' (a local folder at training time)'} |"
             for part, source in sources.items()]
@@ -186,7 +147,7 @@ def model_card(plan: Plan, repo_id: str, license: str = "other", datasets: list[
     figures += [f"| {k} | {v} |" for k, v in metrics.items() if isinstance(v, int) and not isinstance(v, bool)]
     body = "\n".join([
         f"# {repo_id}", "",
-        f"{DESCRIPTIONS[family][0].upper() + DESCRIPTIONS[family][1:]}, trained with mmpeft's `{recipe}` recipe. "
+        f"{family.description[0].upper() + family.description[1:]}, trained with mmpeft's `{recipe}` recipe. "
         "This repository holds only what training changed; the base "
         "models load from their own sources.", "",
         "## Load", "", "```python", "import mmpeft", "", f'loaded = mmpeft.load("{repo_id}")',

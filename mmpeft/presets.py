@@ -71,7 +71,7 @@ def load_lm(preset: Preset, **kwargs):
     """`(AutoModelForCausalLM, AutoTokenizer)` from the preset's LM source."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models.quant import keep_cpu_4bit_working
+    from mmpeft.models.quant import keep_cpu_4bit_working
 
     lm = keep_cpu_4bit_working(_load(preset, "lm", AutoModelForCausalLM.from_pretrained, **kwargs))
     return lm, _load(preset, "lm", AutoTokenizer.from_pretrained)

@@ -21,17 +21,19 @@ from pathlib import Path
 
 import torch
 
+from mmpeft.data.conversation import ConversationEncoder, read_llava_json
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
 from mmpeft.data.feature_cache import prepare_feature_cache
-from mmpeft.data.llava import ConversationEncoder, read_llava_json
 from mmpeft.data.templates import chat_template
-from mmpeft.eval.answers import answer_accuracy, before_and_after, read_questions
+from mmpeft.eval.answers import before_and_after, read_questions
+from mmpeft.flamingo.checkpoint import load_flamingo, save_flamingo
+from mmpeft.flamingo.model import FlamingoLM
 from mmpeft.hub import push
-from mmpeft.models.flamingo import FlamingoLM, load_flamingo, save_flamingo
-from mmpeft.models.llava import add_image_token, load_base_models
+from mmpeft.llava.evaluation import answer_accuracy
+from mmpeft.llava.model import add_image_token, load_base_models
 from mmpeft.models.trainable import trainable_parameter_count
 from mmpeft.presets import resolve_preset
-from mmpeft.tiny import launch_record, start_recipe
+from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "flamingo_tiny.yaml"

@@ -23,27 +23,26 @@ from pathlib import Path
 
 import torch
 
+from mmpeft.data.conversation import read_caption_jsonl, read_caption_shards
 from mmpeft.data.embeddings import (
     EmbeddingTextDataset,
     clip_image_set,
     collate_embedding_texts,
     read_embedding_set,
 )
-from mmpeft.data.llava import read_caption_jsonl, read_caption_shards
-from mmpeft.eval.general_gpt import caption_figures, retrieval_figures
-from mmpeft.hub import push
-from mmpeft.models.general_gpt import (
+from mmpeft.general_gpt.checkpoint import load_general_gpt, save_general_gpt
+from mmpeft.general_gpt.evaluation import caption_figures, retrieval_figures
+from mmpeft.general_gpt.model import (
     GeneralGPT,
     add_general_gpt_tokens,
     encode_sample,
-    load_general_gpt,
-    save_general_gpt,
 )
-from mmpeft.models.llava import load_base_models
+from mmpeft.hub import push
+from mmpeft.llava.model import load_base_models
 from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_clip, resolve_preset
-from mmpeft.tiny import launch_record, start_recipe
+from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "general_gpt_tiny.yaml"

@@ -22,21 +22,22 @@ from pathlib import Path
 import torch
 
 from mmpeft.data.coco import read_coco
+from mmpeft.data.conversation import ConversationEncoder, read_caption_jsonl, read_caption_shards
 from mmpeft.data.diffusion_targets import CaptionTargets, prepare_targets
-from mmpeft.data.gill import ClipEmbeddings, GillDataset, collate_gill
-from mmpeft.data.llava import ConversationEncoder, read_caption_jsonl, read_caption_shards
-from mmpeft.data.retrieval_index import RetrievalIndex
 from mmpeft.data.stories import read_vist
 from mmpeft.data.templates import chat_template
-from mmpeft.eval import gill as ev
+from mmpeft.gill import decision
+from mmpeft.gill import evaluation as ev
+from mmpeft.gill.checkpoint import build_gill, load_gill, save_gill
+from mmpeft.gill.data import ClipEmbeddings, GillDataset, collate_gill
+from mmpeft.gill.retrieval_index import RetrievalIndex
 from mmpeft.hub import push
-from mmpeft.models.gill_io import build_gill, load_gill, save_gill
-from mmpeft.models.llava import load_base_models
-from mmpeft.models.minigpt5_io import empty_caption, mapper_settings
+from mmpeft.llava.model import load_base_models
+from mmpeft.minigpt5.checkpoint import empty_caption, mapper_settings
 from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_clip, load_diffusion, resolve_preset
-from mmpeft.tiny import launch_record, start_recipe
+from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "gill_tiny.yaml"
@@ -114,13 +115,13 @@ def main(argv=None):
             images = read_coco(split["images"], split["captions"], split["instances"])[:limit]
             at0, _ = ev.image_pass_outputs(trained, encoder, [ev.query(im.captions[0], d["prompt"], m["n_vokens"])
                                                               for im in images], fresh)
-            return images, at0, ev.coverage_labels(images, covered)
+            return images, at0, decision.coverage_labels(images, covered)
 
         _, fit_at0, fit_labels = decision_data(dec["train"], dec["prompts"])
-        metrics["decision_train_loss"] = ev.train_decision(trained, fit_at0, fit_labels, dec["steps"])
+        metrics["decision_train_loss"] = decision.train_decision(trained, fit_at0, fit_labels, dec["steps"])
         save_gill(trained, t["output_dir"], tokenizer, settings)
         test_images, test_at0, test_labels = decision_data(dec["test"], None)
-        metrics |= ev.decision_figures(trained, test_at0, test_labels)
+        metrics |= decision.decision_figures(trained, test_at0, test_labels)
         RetrievalIndex.build([im.path for im in test_images if covered(im)], fresh, preset.clip).save(
             Path(t["output_dir"]) / "index")  # for recipes/gill_answer.py
         if e["pairs"]:

@@ -6,7 +6,7 @@ Writes an HTML page showing the choice, its probability, and both candidates.
         --prompt "There is a large red square at the top left." --out gill_page/index.html
 
 `--index` is a folder written by the recipe (`index/`) or by
-`python -m mmpeft.data.retrieval_index IMAGES OUT --clip SOURCE`. `--force-image` appends
+`python -m mmpeft.gill.retrieval_index IMAGES OUT --clip SOURCE`. `--force-image` appends
 the `[IMG]` tokens when the model does not emit them.
 """
 
@@ -14,15 +14,15 @@ import argparse
 
 import torch
 
-from mmpeft.data.llava import ConversationEncoder, Sample
-from mmpeft.data.retrieval_index import RetrievalIndex
+from mmpeft.data.conversation import ConversationEncoder, Sample
 from mmpeft.data.stories import voken_text
 from mmpeft.data.templates import chat_template
-from mmpeft.eval.gill import image_pass_outputs
-from mmpeft.eval.pages import write_story_page
-from mmpeft.eval.vokens import generate_images
-from mmpeft.models.gill_io import load_gill
-from mmpeft.models.minigpt5_io import empty_caption
+from mmpeft.gill.checkpoint import load_gill
+from mmpeft.gill.evaluation import image_pass_outputs
+from mmpeft.gill.retrieval_index import RetrievalIndex
+from mmpeft.minigpt5.checkpoint import empty_caption
+from mmpeft.minigpt5.evaluation import generate_images
+from mmpeft.pages import write_story_page
 from mmpeft.presets import Preset, load_diffusion
 
 

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import torch
 
+from mmpeft.data.conversation import ConversationEncoder, read_caption_jsonl, read_caption_shards, read_llava_json
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
 from mmpeft.data.feature_cache import prepare_feature_cache
-from mmpeft.data.llava import ConversationEncoder, read_caption_jsonl, read_caption_shards, read_llava_json
 from mmpeft.data.templates import chat_template
-from mmpeft.eval.answers import answer_accuracy, before_and_after, read_questions
+from mmpeft.eval.answers import before_and_after, read_questions
 from mmpeft.hub import push
-from mmpeft.models.llava import (
+from mmpeft.llava.checkpoint import load_llava, save_llava
+from mmpeft.llava.evaluation import answer_accuracy
+from mmpeft.llava.model import (
     add_image_token,
     build_llava,
     llava_forward,
@@ -34,10 +36,9 @@ from mmpeft.models.llava import (
     llava_processor,
     load_base_models,
 )
-from mmpeft.models.llava_io import load_llava, save_llava
 from mmpeft.models.trainable import apply_trainability, trainable_parameter_count
 from mmpeft.presets import resolve_preset
-from mmpeft.tiny import launch_record, start_recipe
+from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava_pretrain_tiny.yaml"

@@ -14,12 +14,12 @@ the run's `data.history`), and the true last step is shown beside the answer.
 import argparse
 from pathlib import Path
 
-from mmpeft.data.llava import IMAGE_MARKER, ConversationEncoder, Sample
+from mmpeft.data.conversation import IMAGE_MARKER, ConversationEncoder, Sample
 from mmpeft.data.stories import read_vist
 from mmpeft.data.templates import chat_template
-from mmpeft.eval.pages import write_story_page
-from mmpeft.eval.vokens import interleaved_generate
-from mmpeft.models.minigpt5_io import load_minigpt5
+from mmpeft.minigpt5.checkpoint import load_minigpt5
+from mmpeft.minigpt5.evaluation import interleaved_generate
+from mmpeft.pages import write_story_page
 
 
 def main(argv=None):

@@ -24,15 +24,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from mmpeft.data.conversation import ConversationEncoder, read_caption_jsonl, read_caption_shards
 from mmpeft.data.diffusion_targets import CaptionTargets, LatentTargets, prepare_targets, sd_resolution
-from mmpeft.data.llava import ConversationEncoder, read_caption_jsonl, read_caption_shards
 from mmpeft.data.stories import VokenDataset, caption_voken_sample, collate_vokens
 from mmpeft.data.templates import chat_template
-from mmpeft.eval.vokens import conditioning_gap, mapped_conditions
 from mmpeft.hub import push
-from mmpeft.models.llava import llava_parts, llava_processor, load_base_models
-from mmpeft.models.minigpt5 import LossWeights, MiniGPT5, VokenMapper, mapper_parts
-from mmpeft.models.minigpt5_io import (
+from mmpeft.llava.model import llava_parts, llava_processor, load_base_models
+from mmpeft.minigpt5.checkpoint import (
     assemble_minigpt5,
     empty_caption,
     load_minigpt5,
@@ -41,10 +39,12 @@ from mmpeft.models.minigpt5_io import (
     save_minigpt5,
     training_scheduler,
 )
+from mmpeft.minigpt5.evaluation import conditioning_gap, mapped_conditions
+from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, mapper_parts
 from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_diffusion, resolve_preset
-from mmpeft.tiny import launch_record, start_recipe
+from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minigpt5_stage1_tiny.yaml"

@@ -24,17 +24,14 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from mmpeft.data.conversation import ConversationEncoder
 from mmpeft.data.diffusion_targets import LatentTargets, prepare_targets, sd_resolution
 from mmpeft.data.feature_cache import prepare_feature_cache
-from mmpeft.data.llava import ConversationEncoder
 from mmpeft.data.stories import VokenDataset, collate_vokens, read_vist, story_samples
 from mmpeft.data.templates import chat_template
-from mmpeft.eval.pages import write_story_page
-from mmpeft.eval.vokens import describe_story_figures, story_figures, story_page_rows
 from mmpeft.hub import push
-from mmpeft.models.llava import llava_parts, llava_processor, load_base_models
-from mmpeft.models.minigpt5 import LossWeights, MiniGPT5, VokenMapper, mapper_parts
-from mmpeft.models.minigpt5_io import (
+from mmpeft.llava.model import llava_parts, llava_processor, load_base_models
+from mmpeft.minigpt5.checkpoint import (
     assemble_minigpt5,
     empty_caption,
     load_minigpt5,
@@ -43,10 +40,13 @@ from mmpeft.models.minigpt5_io import (
     save_minigpt5,
     training_scheduler,
 )
+from mmpeft.minigpt5.evaluation import describe_story_figures, story_figures, story_page_rows
+from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, mapper_parts
 from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
 from mmpeft.models.vokens import trainable_token_targets
+from mmpeft.pages import write_story_page
 from mmpeft.presets import load_clip, load_diffusion, resolve_preset
-from mmpeft.tiny import launch_record, start_recipe
+from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minigpt5_stage2_tiny.yaml"

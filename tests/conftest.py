@@ -5,8 +5,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from mmpeft.world import WorldSpec, build_world  # noqa: E402
-from mmpeft.zoo import ZooSpec, build_zoo  # noqa: E402
+from mmpeft.tiny.world import WorldSpec, build_world  # noqa: E402
+from mmpeft.tiny.zoo import ZooSpec, build_zoo  # noqa: E402
 
 SMALL_WORLD = WorldSpec(seed=3, images=(40, 6, 30), stories=(4, 2, 2), shard_size=16)
 SMALL_ZOO = ZooSpec(seed=3, clip_steps=2, lm_steps=2, lm_extra_chats=4, vae_steps=2, unet_steps=2,

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .feature_cache import VisionFeatureCache, image_digest
-from .llava import BadRecord, ConversationEncoder, Sample
+from mmpeft.data.conversation import BadRecord, ConversationEncoder, Sample
+from mmpeft.data.feature_cache import VisionFeatureCache, image_digest
 
 
 class ConversationDataset(Dataset):

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .feature_cache import TensorCache, image_digest
-from .llava import open_image
+from mmpeft.data.conversation import open_image
+from mmpeft.data.feature_cache import TensorCache, image_digest
 
 
 def _weights_key(*modules, extra: str = "") -> str:

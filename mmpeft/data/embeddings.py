@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from .dataset import pad_tokens
-from .llava import open_image
+from mmpeft.data.conversation import open_image
+from mmpeft.data.dataset import pad_tokens
 
 VECTORS, TEXTS = "vectors.safetensors", "texts.jsonl"
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .llava import Sample
+from mmpeft.data.conversation import Sample
 
 SHARD_ROWS = 4096
 

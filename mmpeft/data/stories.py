@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..models.vokens import mask_forced_vokens
-from .dataset import ConversationDataset, collate_conversations
-from .feature_cache import image_digest
-from .llava import IMAGE_MARKER, BadRecord, Sample
+from mmpeft.data.conversation import IMAGE_MARKER, BadRecord, Sample
+from mmpeft.data.dataset import ConversationDataset, collate_conversations
+from mmpeft.data.feature_cache import image_digest
+from mmpeft.models.vokens import mask_forced_vokens
 
 TASKS = ("image", "multimodal", "text")
 

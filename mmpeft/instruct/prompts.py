@@ -1,15 +1,17 @@
-"""Task prompts kept as data files (`data_gen/prompts/*.json`): a system message and
+"""Task prompts kept as data files (`data_gen/prompts/*.json`, shipped as package data of
+`mmpeft.data_gen`): a system message and
 few-shot pairs of context and reply. A prompt's version is the hash of its file's bytes,
 so every generated record can say exactly which wording produced it."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-PROMPT_DIR = Path(__file__).resolve().parents[2] / "data_gen" / "prompts"
+PROMPT_DIR = Path(str(importlib.resources.files("mmpeft.data_gen") / "prompts"))
 TASKS = ("conversation", "detail", "complex_reasoning")
 
 

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .backends import Request
-from .checks import Rejected, drop_repeated_questions, read_reply
-from .context import ImageContext
-from .prompts import TaskPrompt
-from .store import ResultStore, job_key
+from mmpeft.instruct.backends import Request
+from mmpeft.instruct.checks import Rejected, drop_repeated_questions, read_reply
+from mmpeft.instruct.context import ImageContext
+from mmpeft.instruct.prompts import TaskPrompt
+from mmpeft.instruct.store import ResultStore, job_key
 
 IMAGE_MARKER = "<image>"
 

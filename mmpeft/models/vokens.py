@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .llava import add_tokens
+from mmpeft.models.tokens import add_tokens
 
 
 def voken_names(n: int = 8) -> list[str]:

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from mmpeft.config import fill, load_config, needs_tiny_world
+from mmpeft.config import fill, load_config
+from mmpeft.tiny import fixture_problems
 
 CONFIGS = sorted((Path(__file__).parents[2] / "recipes" / "configs").glob("*.yaml"))
 
@@ -34,7 +35,11 @@ def test_every_bad_override_is_reported_at_once(tmp_path):
     assert "'training.lrr'" in message and "'nokey' is not key=value" in message and "'model.x'" in message
 
 
-def test_fill_and_tiny_world_detection():
+def test_fill_and_the_fixture_a_config_asks_for():
     config = {"data": {"path": "{world}/llava/train.json"}, "model": {"preset": "llava-1.5-7b"}}
     assert fill(config, world="/w")["data"]["path"] == "/w/llava/train.json"
-    assert needs_tiny_world(config) and not needs_tiny_world({"model": {"preset": "llava-1.5-7b"}})
+    assert "no 'fixture: {name: tiny}' block" in fixture_problems(config)[0]
+    assert fixture_problems({"model": {"preset": "llava-1.5-7b"}}) == []
+    assert fixture_problems({**config, "fixture": {"name": "tiny", "cache": None}}) == []
+    assert "fixture.name" in fixture_problems({"fixture": {"name": "huge"}})[0]
+    assert "cash" in fixture_problems({"fixture": {"name": "tiny", "cash": "/c"}})[0]

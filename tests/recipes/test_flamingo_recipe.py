@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmpeft.models.flamingo import load_flamingo
+from mmpeft.flamingo.checkpoint import load_flamingo
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["model.resampler_options={latents: 4, layers: 1, heads: 2, head_width: 16}",
@@ -21,7 +21,7 @@ SMALL = ["model.resampler_options={latents: 4, layers: 1, heads: 2, head_width: 
 def run(small_world, small_zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("flamingo") / "out"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", str(ROOT / "recipes" / "flamingo.py"),
-           f"tiny.world_dir={small_world}", f"tiny.zoo_dir={small_zoo[0]}", f"training.output_dir={out}",
+           f"fixture.world_dir={small_world}", f"fixture.zoo_dir={small_zoo[0]}", f"training.output_dir={out}",
            "training.max_steps=4", "training.save_steps=2", "training.micro_batch_size=4", "training.log_steps=1",
            "eval.limit=6", "threads=1", f"data.feature_cache={out.parent / 'features'}", *SMALL]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},

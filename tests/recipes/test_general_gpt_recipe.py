@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM
 
 import mmpeft
 from mmpeft.data.embeddings import read_embedding_set
-from mmpeft.eval.general_gpt import retrieval_figures
 from mmpeft.export import export_run
+from mmpeft.general_gpt.checkpoint import load_general_gpt
+from mmpeft.general_gpt.evaluation import retrieval_figures
+from mmpeft.general_gpt.model import retrieval_prompt
 from mmpeft.hub import model_card, plan_push
-from mmpeft.models.general_gpt import load_general_gpt, retrieval_prompt
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_trains_writes_and_reloads_to_the_same_regression(small_world, small_zoo, tmp_path):
     out = tmp_path / "out"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", str(ROOT / "recipes" / "general_gpt.py"),
-           f"tiny.world_dir={small_world}", f"tiny.zoo_dir={small_zoo[0]}", f"training.output_dir={out}",
+           f"fixture.world_dir={small_world}", f"fixture.zoo_dir={small_zoo[0]}", f"training.output_dir={out}",
            "training.max_steps=4", "training.save_steps=2", "training.micro_batch_size=4", "training.log_steps=1",
            "eval.limit=10", "eval.captions=3", "eval.max_new_tokens=4", "threads=1",
            f"data.embedding_cache={tmp_path / 'embeddings'}"]

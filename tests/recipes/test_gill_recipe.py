@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpeft.models.gill_io import load_gill
+from mmpeft.gill.checkpoint import load_gill
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = {"chat_template.jinja", "gill_heads.safetensors", "lm_adapter", "mmpeft_config.json", "tokenizer.json",
@@ -20,7 +20,7 @@ FILES = {"chat_template.jinja", "gill_heads.safetensors", "lm_adapter", "mmpeft_
 def run(small_world, small_zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("gill") / "run"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", str(ROOT / "recipes" / "gill.py"),
-           f"tiny.world_dir={small_world}", f"tiny.zoo_dir={small_zoo[0]}", f"training.output_dir={out}",
+           f"fixture.world_dir={small_world}", f"fixture.zoo_dir={small_zoo[0]}", f"training.output_dir={out}",
            "training.max_steps=4", "training.save_steps=2", "training.micro_batch_size=4", "training.log_steps=1",
            "threads=1", f"data.target_cache={out.parent / 'targets'}", "model.mapper.d_model=32",
            "model.mapper.ff=64", "eval.limit=8", "eval.generate=2", "eval.sampling_steps=2",
@@ -73,8 +73,8 @@ def test_answer_writes_a_page_with_the_choice_and_its_probability(run, tmp_path)
 
 def test_qlora_with_lora_on_the_lm_trains_and_reloads(small_world, small_zoo, tmp_path):
     out = tmp_path / "qlora"
-    cmd = [sys.executable, str(ROOT / "recipes" / "gill.py"), f"tiny.world_dir={small_world}",
-           f"tiny.zoo_dir={small_zoo[0]}", f"training.output_dir={out}", "training.max_steps=2",
+    cmd = [sys.executable, str(ROOT / "recipes" / "gill.py"), f"fixture.world_dir={small_world}",
+           f"fixture.zoo_dir={small_zoo[0]}", f"training.output_dir={out}", "training.max_steps=2",
            "training.micro_batch_size=4", "training.log_steps=1", "threads=1", "data.target_cache=null",
            "model.mapper.d_model=32", "model.mapper.ff=64", "model.trainable.llm=lora", "model.qlora=true",
            "eval.pairs=null", "eval.decision.prompts=8", "eval.decision.steps=2"]

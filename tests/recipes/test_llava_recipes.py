@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from mmpeft.models.llava_io import load_llava
+from mmpeft.llava.checkpoint import load_llava
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPORT_FILES = {"chat_template.jinja", "connector.safetensors", "mmpeft_config.json", "processor_config.json",
@@ -26,7 +26,7 @@ def _command(script, out, world, zoo, *overrides, launcher="python", resume=None
     cmd = [sys.executable, str(ROOT / "recipes" / script)] if launcher == "python" else \
         [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", str(ROOT / "recipes" / script)]
     cmd += (["--resume", str(resume)] if resume else []) + [
-        f"tiny.world_dir={world}", f"tiny.zoo_dir={zoo}", f"training.output_dir={out}", "training.max_steps=4",
+        f"fixture.world_dir={world}", f"fixture.zoo_dir={zoo}", f"training.output_dir={out}", "training.max_steps=4",
         "training.save_steps=2", "training.micro_batch_size=4", "training.log_steps=1", "eval.limit=6", "threads=1",
         f"data.feature_cache={Path(out).parent / 'features'}", *overrides]
     return cmd, {**os.environ, "OMP_NUM_THREADS": "1"}

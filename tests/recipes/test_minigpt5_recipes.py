@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mmpeft.models.minigpt5_io import load_minigpt5
+from mmpeft.minigpt5.checkpoint import load_minigpt5
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPORT = {"chat_template.jinja", "connector.safetensors", "mmpeft_config.json", "processor_config.json",
@@ -23,7 +23,7 @@ CHECKPOINT = {"ds", "trainer_state.json"}
 def _run(script, out, world, zoo, *overrides, ranks=None):
     launcher = [sys.executable] if ranks is None else [str(Path(sys.executable).parent / "deepspeed"),
                                                        "--num_gpus", str(ranks)]
-    cmd = [*launcher, str(ROOT / "recipes" / script), f"tiny.world_dir={world}", f"tiny.zoo_dir={zoo}",
+    cmd = [*launcher, str(ROOT / "recipes" / script), f"fixture.world_dir={world}", f"fixture.zoo_dir={zoo}",
            f"training.output_dir={out}", "training.max_steps=4", "training.save_steps=2",
            "training.micro_batch_size=4", "training.log_steps=1", "threads=1",
            f"data.target_cache={Path(out).parent / 'targets'}", *overrides]

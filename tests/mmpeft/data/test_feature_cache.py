@@ -3,11 +3,11 @@ import shutil
 import pytest
 import torch
 
+from mmpeft.data.conversation import ConversationEncoder, Sample, read_caption_jsonl
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
 from mmpeft.data.feature_cache import VisionFeatureCache, feature_key, prepare_feature_cache
-from mmpeft.data.llava import ConversationEncoder, Sample, read_caption_jsonl
 from mmpeft.data.templates import chat_template
-from mmpeft.models.llava import add_image_token, build_llava, llava_forward, llava_parts
+from mmpeft.llava.model import add_image_token, build_llava, llava_forward, llava_parts
 from mmpeft.models.trainable import apply_trainability
 from mmpeft.presets import load_clip, load_lm, resolve_preset
 

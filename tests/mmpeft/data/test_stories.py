@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from mmpeft.data.conversation import ConversationEncoder
 from mmpeft.data.diffusion_targets import CaptionTargets, LatentTargets, image_to_sd
-from mmpeft.data.llava import ConversationEncoder
 from mmpeft.data.stories import VokenDataset, read_vist, story_samples
 from mmpeft.data.templates import chat_template
-from mmpeft.models.llava import load_base_models
+from mmpeft.llava.model import load_base_models
 from mmpeft.models.vokens import add_vokens
 from mmpeft.presets import load_diffusion, resolve_preset
 

@@ -3,9 +3,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 
+from mmpeft.llava.checkpoint import connector_state
+from mmpeft.llava.model import add_image_token, build_llava, llava_parts, llava_processor
 from mmpeft.models.connectors import PerceiverResampler, QFormerConnector
-from mmpeft.models.llava import add_image_token, build_llava, llava_parts, llava_processor
-from mmpeft.models.llava_io import connector_state
 from mmpeft.models.trainable import apply_trainability
 from mmpeft.presets import load_clip, load_lm, resolve_preset
 

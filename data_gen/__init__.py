@@ -1,0 +1,1 @@
+"""data_gen's scripts and prompts, installed as `mmpeft.data_gen`."""

@@ -1,0 +1,117 @@
+"""Building a MiniGPT-5 model from a preset, and what a run writes and loads back.
+
+An output or checkpoint folder holds the LLaVA files (`save_llava`: connector, the PEFT
+adapter with LoRA and the voken rows, processor, `mmpeft_config.json`) plus
+`mapper.safetensors`. The frozen bases (LM, CLIP, Stable Diffusion) are named by their
+sources in the config, never copied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from mmpeft.families import CONFIG_FILE
+from mmpeft.llava.checkpoint import quantized_like, save_llava
+from mmpeft.llava.model import build_llava
+from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper
+from mmpeft.models.quant import keep_cpu_4bit_working
+from mmpeft.models.tokens import add_tokens
+from mmpeft.models.vokens import voken_names
+
+
+def mapper_settings(llm_hidden: int, pipeline, d_model: int, heads: int, encoder_layers: int, decoder_layers: int,
+                    ff: int, input_layers: int = 2) -> dict:
+    """The mapper's constructor arguments for the loaded Stable Diffusion: output width
+    from the UNet's `cross_attention_dim`, query length from its tokenizer."""
+    return {"llm_hidden": llm_hidden, "out_dim": pipeline.unet.config.cross_attention_dim,
+            "n_query": pipeline.tokenizer.model_max_length, "d_model": d_model, "heads": heads,
+            "encoder_layers": encoder_layers, "decoder_layers": decoder_layers, "ff": ff, "input_layers": input_layers}
+
+
+def empty_caption(pipeline) -> torch.Tensor:
+    """The SD text encoder's encoding of the empty prompt, `(n_query, width)`."""
+    ids = pipeline.tokenizer([""], padding="max_length", max_length=pipeline.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipeline.text_encoder(ids.to(pipeline.text_encoder.device))[0][0]
+
+
+def assemble_minigpt5(lm, tokenizer, vision, pipeline, image_token: str, n_vokens: int, connector: str,
+                      vision_feature_layer: int):
+    """Add `<image>` and the vokens to tokenizer and LM and build the LLaVA model around
+    them; returns `(llava, voken_ids)`. The UNet, VAE and text encoder are frozen."""
+    ids = add_tokens(tokenizer, lm, [image_token, *voken_names(n_vokens)])
+    llava = build_llava(vision, lm, ids[0], connector, vision_feature_layer)
+    for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        part.requires_grad_(False).eval()
+    return llava, ids[1:]
+
+
+def training_scheduler(pipeline):
+    """The DDPM noise schedule of the pipeline's scheduler config, as SD training uses."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipeline.scheduler.config)
+
+
+def minigpt5_settings(recipe: str, preset, mapper_args: dict, config: dict, launch: dict | None = None) -> dict:
+    """What a run records in `mmpeft_config.json`: base sources, the mapper's arguments,
+    the loss settings and the model choices `load_minigpt5` needs, the whole config and
+    how the run was launched."""
+    m, loss = config["model"], config["loss"]
+    return {"recipe": recipe, "launch": launch,
+            "sources": {"lm": preset.lm, "clip": preset.clip, "diffusion": preset.diffusion},
+            "mapper": mapper_args, "loss_weights": loss["weights"], "cfg_rate": loss["cfg_rate"],
+            "snr_gamma": loss["snr_gamma"], "config": config, **{k: m[k] for k in (
+                "connector", "image_token", "n_vokens", "vision_feature_layer", "trainable", "qlora")}}
+
+
+def save_minigpt5(model: MiniGPT5, folder: str | Path, processor, settings: dict) -> None:
+    """Write the LLaVA files and the mapper; `settings` must hold `sources` (lm, clip,
+    diffusion), `mapper` (constructor arguments) and what `save_llava` needs."""
+    folder = Path(folder)
+    save_llava(model.llava, folder, processor, settings)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.mapper.state_dict().items()},
+              folder / "mapper.safetensors")
+
+
+def load_minigpt5(folder: str | Path, lm_source: str | None = None, clip_source: str | None = None,
+                  diffusion_source: str | None = None, base_kwargs: dict | None = None):
+    """Rebuild a trained MiniGPT-5 from an output or checkpoint folder in one call; returns
+    `(model, processor, pipeline, settings)` with the model in eval mode. Base models come
+    from the recorded sources unless a local copy is given; `base_kwargs` go to the LM's
+    and CLIP's `from_pretrained` (its `use_safetensors` to the pipeline's too)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import AutoModelForCausalLM, CLIPModel, LlavaProcessor
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).exists() or not (folder / "mapper.safetensors").exists():
+        raise FileNotFoundError(f"{folder} is not a MiniGPT-5 output or checkpoint folder "
+                                f"(needs {CONFIG_FILE} and mapper.safetensors)")
+    settings = json.loads((folder / CONFIG_FILE).read_text())
+    src = settings["sources"]
+    processor = LlavaProcessor.from_pretrained(folder)
+    base_kwargs = base_kwargs or {}
+    lm = AutoModelForCausalLM.from_pretrained(lm_source or src["lm"], **base_kwargs, **quantized_like(settings, {}))
+    keep_cpu_4bit_working(lm)
+    vision = CLIPModel.from_pretrained(clip_source or src["clip"], **base_kwargs).vision_model
+    safetensors = {k: v for k, v in base_kwargs.items() if k == "use_safetensors"}
+    pipeline = StableDiffusionPipeline.from_pretrained(diffusion_source or src["diffusion"], safety_checker=None,
+                                                       requires_safety_checker=False, **safetensors)
+    pipeline.set_progress_bar_config(disable=True)
+    llava, voken_ids = assemble_minigpt5(lm, processor.tokenizer, vision, pipeline, settings["image_token"],
+                                         settings["n_vokens"], settings["connector"],
+                                         settings.get("vision_feature_layer", -2))
+    llava.model.multi_modal_projector.load_state_dict(load_file(folder / "connector.safetensors"))
+    if (folder / "llava_adapter").is_dir():
+        llava = PeftModel.from_pretrained(llava, folder / "llava_adapter")
+    mapper = VokenMapper(**settings["mapper"])
+    mapper.load_state_dict(load_file(folder / "mapper.safetensors"))
+    model = MiniGPT5(llava, mapper, pipeline.unet, training_scheduler(pipeline), voken_ids, empty_caption(pipeline),
+                     LossWeights(**settings["loss_weights"]), settings["cfg_rate"], settings["snr_gamma"])
+    return model.eval(), processor, pipeline, settings

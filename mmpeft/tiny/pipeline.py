@@ -1,0 +1,160 @@
+"""The tiny pipeline: data_gen and every recipe on the tiny preset, run as a user runs them
+(`python -m mmpeft.recipes.NAME`), and the figures table they add up to.
+
+The table is printed and written next to the runs as `figures.json` (every row, for
+scripts) and `figures.md` (the printed table in a Markdown page), so the docs quote a file
+that a rerun replaces rather than prose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mmpeft.families import FigureRow, family_of
+
+
+def zoo_figures(records: dict) -> list[tuple[str, str, float, str]]:
+    """Rows of (part, figure, value, reference) for printing."""
+    clip, lm, vae, sd = (records[k]["metrics"] for k in ("clip", "lm", "vae", "sd"))
+    rows = [
+        ("clip", f"image->text recall@1 over {clip['candidates']} test images", clip["image_to_text_r1"],
+         f"chance {clip['chance_r1']:.3f}"),
+        ("clip", "text->image recall@1", clip["text_to_image_r1"], f"chance {clip['chance_r1']:.3f}"),
+        ("lm", f"answer accuracy from a text description ({lm['questions']} questions)", lm["text_qa_accuracy"],
+         f"chance {lm['chance']:.3f}"),
+        ("lm", "test perplexity on the tokens it learns", lm["test_perplexity"], f"uniform guess {lm['vocab_size']}"),
+        ("vae", "test reconstruction MSE", vae["test_reconstruction_mse"],
+         f"pixel variance {vae['pixel_variance']:.3f}"),
+    ]
+    for attr in ("colour", "shape", "where"):
+        for g in ("1", "3"):
+            rows.append(("sd", f"{attr} right in samples, guidance {g} ({sd['prompts']} captions)",
+                         sd[f"guidance_{g}"][attr],
+                         f"chance {sd['chance'][attr]:.3f}, true images {sd['true_images'][attr]:.3f}"))
+    return rows
+
+
+def print_table(title: str, rows) -> None:
+    """A plain aligned table on stdout."""
+    print(f"\n{title}")
+    width, name = max(len(r[1]) for r in rows), max(len(r[0]) for r in rows)
+    for part, figure, value, reference in rows:
+        print(table_line(part, figure, value, reference, name, width))
+
+
+def table_line(part: str, figure: str, value: float | int, reference: str, name: int, width: int) -> str:
+    """One aligned row of a figures table."""
+    shown = f"{value:>8d}" if isinstance(value, int) else f"{value:>8.3f}"
+    return f"  {part:<{name}} {figure:<{width}}  {shown}   ({reference})"
+
+
+def write_figures(out: Path, tables: dict[str, list[FigureRow]], seconds: float) -> tuple[Path, Path]:
+    """`figures.json` and `figures.md` in `out`: each table's rows, with the machine and the
+    time the run took."""
+    out.mkdir(parents=True, exist_ok=True)
+    machine = {"platform": platform.platform(), "processor": platform.machine(),
+               "cpus": os.cpu_count(), "python": platform.python_version()}
+    record = {"seconds": round(seconds, 1), "machine": machine,
+              "tables": {title: [{"part": p, "figure": f, "value": v, "reference": r} for p, f, v, r in rows]
+                         for title, rows in tables.items()}}
+    (out / "figures.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = ["# Figures of `mmpeft pipeline`", "",
+             f"Written by `mmpeft pipeline` in {seconds / 60:.1f} minutes on {machine['cpus']} CPUs "
+             f"({machine['processor']}, {machine['platform']}, Python {machine['python']}).", ""]
+    for title, rows in tables.items():
+        width, name = max(len(r[1]) for r in rows), max(len(r[0]) for r in rows)
+        lines += [f"{title}", "", "```", *[table_line(*r, name, width) for r in rows], "```", ""]
+    (out / "figures.md").write_text("\n".join(lines))
+    return out / "figures.json", out / "figures.md"
+
+
+def _run(module: str, args: list[str], env: dict | None = None) -> None:
+    cmd = [sys.executable, "-m", module, *args]
+    print(f"\n$ python -m {module} {' '.join(args)}", flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+RECIPES = [  # (recipe, output folder, extra overrides), in the order they build on each other
+    ("llava_pretrain", "llava_pretrain_tiny", []),
+    ("llava_finetune", "llava_finetune_tiny", ["model.init_connector={out}/llava_pretrain_tiny"]),
+    # MiniGPT-5 reads context images through the LLaVA connector trained above (as it reuses MiniGPT-4's)
+    ("minigpt5_stage1", "minigpt5_stage1_tiny", ["model.init_connector={out}/llava_finetune_tiny"]),
+    ("minigpt5_stage2", "minigpt5_stage2_tiny", ["model.init_from={out}/minigpt5_stage1_tiny"]),
+    ("gill", "gill_tiny", []),
+]
+
+
+def run_recipes(out: Path, cache: Path) -> list[FigureRow]:
+    """Run data_gen and each recipe on the tiny preset as a user would; returns their
+    figures (each family says which of its metrics are shown)."""
+    rows = []
+    data = out / "data_gen" / "llava_instruct.json"
+    _run("mmpeft.data_gen.make_llava_instruct", ["--output", str(data), "--no-progress"],
+         env={**os.environ, "MMPEFT_CACHE": str(cache)})
+    s = json.loads(data.with_name(data.name + ".summary.json").read_text())
+    rows.append(("data_gen", f"LLaVA records written of {s['jobs']} asked (SmolLM2-135M teacher)", s["records"],
+                 f"rejected replies {sum(s['rejected'].values())}, {s['tokens'] / max(s['seconds'], 1e-9):.1f} "
+                 "tokens/s"))
+    for recipe, name, extra in RECIPES:
+        _run(f"mmpeft.recipes.{recipe}", [f"training.output_dir={out / name}", f"fixture.cache={cache}",
+                                          *[e.format(out=out) for e in extra]])
+        rows += family_of(recipe).figures[recipe](name, json.loads((out / name / "metrics.json").read_text()))
+    return rows
+
+
+def _llava_stages(suffix: str) -> list:
+    stage1 = f"llava_pretrain{suffix}_tiny"
+    return [("llava_pretrain", stage1, []),
+            ("llava_finetune", f"llava_finetune{suffix}_tiny", [f"model.init_connector={{out}}/{stage1}"])]
+
+
+# Every connector's last run (stage 2, or Flamingo's one stage) trains this many steps, so the
+# comparison holds when one recipe's own default changes (llava_finetune_tiny's is 3,000).
+CONNECTOR_STEPS = 1000
+
+CONNECTORS = [  # (name, what it is, [(recipe, config and output folder, overrides)]): same data and questions
+    ("mlp2x_gelu", "LLaVA-1.5's MLP, the baseline", _llava_stages("")),
+    ("qformer", "BLIP-2's Q-Former", _llava_stages("_qformer")),
+    ("perceiver_resampler", "Flamingo's Perceiver Resampler", _llava_stages("_resampler")),
+    ("minigpt4", "MiniGPT-4: Q-Former, only its projection trains, LM frozen", _llava_stages("_minigpt4")),
+    ("gated_xattn", "Flamingo: resampler + gated cross-attention, LM frozen", [("flamingo", "flamingo_tiny", [])]),
+]
+
+
+def run_connectors(out: Path, cache: Path) -> list[FigureRow]:
+    """LLaVA stages 1 and 2 with each connector, and Flamingo's fusion, on the tiny preset;
+    returns their held-out answer accuracy next to chance and to the `mlp2x_gelu` baseline."""
+    results = {}
+    for name, _, runs in CONNECTORS:
+        for k, (recipe, run, extra) in enumerate(runs):
+            steps = [f"training.max_steps={CONNECTOR_STEPS}"] if k == len(runs) - 1 else []
+            _run(f"mmpeft.recipes.{recipe}", ["--config", run, f"training.output_dir={out / run}",
+                                              f"fixture.cache={cache}", *[e.format(out=out) for e in extra], *steps])
+        results[name] = json.loads((out / runs[-1][1] / "metrics.json").read_text())
+    base = results["mlp2x_gelu"]["answer_accuracy_after"]
+    return [(name, what, results[name]["answer_accuracy_after"],
+             f"chance {results[name]['chance']:.3f}, mlp2x_gelu {base:.3f}") for name, what, _ in CONNECTORS]
+
+
+ZOO_TITLE = "Tiny zoo, scored on the world's test split:"
+RECIPES_TITLE = "Recipes on the tiny preset:"
+CONNECTORS_TITLE = "Held-out answer accuracy with each connector (LLaVA stages 1 and 2, or Flamingo):"
+
+
+def run(command: str, out: Path, cache: Path, zoo_records: dict, started: float) -> None:
+    """`pipeline` or `connectors` after the world and zoo are built: run, print, write."""
+    tables = {ZOO_TITLE: zoo_figures(zoo_records)}
+    if command == "pipeline":
+        tables[RECIPES_TITLE] = run_recipes(out, cache)
+    else:
+        tables[CONNECTORS_TITLE] = run_connectors(out, cache)
+    for title, rows in list(tables.items())[1:]:
+        print_table(title, rows)
+    for path in write_figures(out, tables, time.time() - started):
+        print(f"figures: {path}")

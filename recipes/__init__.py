@@ -1,0 +1,1 @@
+"""The recipes, installed as `mmpeft.recipes`: `python -m mmpeft.recipes.NAME` runs one."""
