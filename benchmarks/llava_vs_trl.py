@@ -78,9 +78,7 @@ def _peak(device: str) -> int:
 
 def run_mmpeft(args, out: Path, cached: bool) -> dict:
     """The recipe, in this process, with the benchmark's step budget and no evaluation."""
-    spec = importlib.util.spec_from_file_location("llava_finetune", ROOT / "recipes" / "llava_finetune.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = importlib.import_module("mmpeft.recipes.llava_finetune")
     features = str(out.parent / "vision_features") if cached else "null"
     recipe.main(["model.init_connector=null", "eval.questions=null", f"training.output_dir={out}",
                  f"training.max_steps={args.steps}", f"training.micro_batch_size={args.batch_size}",

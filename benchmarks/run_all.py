@@ -1,5 +1,5 @@
 """Every benchmark, one after another, then one JSON of their results, a PNG chart of the
-ratios against their targets and the Markdown table the README carries.
+ratios against their targets and the Markdown table docs/benchmarks.md carries.
 
     python benchmarks/run_all.py                 # tiny preset, tiny world, CPU
     python benchmarks/run_all.py --threads 1     # passed on to every benchmark

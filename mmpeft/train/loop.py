@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .sampler import GroupedBatchSampler
+from mmpeft.train.sampler import GroupedBatchSampler
 
 STATE_FILE = "trainer_state.json"
 
@@ -70,14 +70,37 @@ def setup_distributed() -> tuple[int, int]:
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The JSON config with every `"auto"` filled from the training settings."""
+    """The JSON config at `cfg.ds_config` (ZeRO stage 0 when None) with the values that the
+    training settings own filled in: batch sizes, accumulation, clipping and precision. In the
+    file each of them is `"auto"`, absent, or equal to what the training settings give; any
+    other value is an error, all of them reported at once, since DeepSpeed would train with it
+    while the recipe's YAML says otherwise. `"auto"` ZeRO bucket sizes get fixed defaults.
+    Optimizer and scheduler sections pass through untouched; DeepSpeed ignores them, as the
+    loop hands it its own AdamW and schedule."""
+    source = cfg.ds_config or "the default DeepSpeed config"
     base = json.loads(Path(cfg.ds_config).read_text()) if cfg.ds_config else {"zero_optimization": {"stage": 0}}
-    values = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
-              "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
-              "gradient_clipping": cfg.max_grad_norm}
-    base.update(values)
-    base["bf16"] = {**base.get("bf16", {}), "enabled": cfg.bf16}
-    base["fp16"] = {**base.get("fp16", {}), "enabled": False}
+    micro, accum = cfg.micro_batch_size, cfg.grad_accum
+    batch = micro * accum * world_size
+    owned = {  # key (dotted: section.key) -> (value, the training setting it comes from)
+        "train_micro_batch_size_per_gpu": (micro, f"training.micro_batch_size is {micro}"),
+        "gradient_accumulation_steps": (accum, f"training.grad_accum is {accum}"),
+        "train_batch_size": (batch, f"training.micro_batch_size x training.grad_accum x world size is "
+                                    f"{micro} x {accum} x {world_size} = {batch}"),
+        "gradient_clipping": (cfg.max_grad_norm, f"training.max_grad_norm is {json.dumps(cfg.max_grad_norm)}"),
+        "bf16.enabled": (cfg.bf16, f"training.bf16 is {json.dumps(cfg.bf16)}"),
+        "fp16.enabled": (False, "training never uses fp16 (training.bf16 chooses bf16 or fp32)"),
+    }
+    problems = []
+    for name, (value, setting) in owned.items():
+        *section, key = name.split(".")
+        where = base.setdefault(section[0], {}) if section else base
+        found = where.get(key, "auto")
+        if found != "auto" and found != value:
+            problems.append(f"{source}: {name} is {json.dumps(found)} but {setting}; "
+                            'set it to "auto" or make them agree')
+        where[key] = value
+    if problems:
+        raise ValueError("the DeepSpeed config disagrees with the training settings:\n" + "\n".join(problems))
     zero = base.get("zero_optimization", {})
     for key, value in list(zero.items()):
         if value == "auto":
@@ -114,10 +137,23 @@ def _schedule(cfg: TrainConfig):
     return factor
 
 
+def _optimizer_and_schedule(model: torch.nn.Module, cfg: TrainConfig):
+    """AdamW over `param_groups` and its learning-rate schedule, one scheduler step per optimizer step."""
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder, or None."""
     done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / STATE_FILE).exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _resume_position(step: int, grad_accum: int, per_epoch: int) -> tuple[int, int]:
+    """After `step` optimizer steps: the sampler's epoch and how many of that epoch's micro-batches
+    this rank has already trained on (`per_epoch`: its micro-batches per epoch)."""
+    micro_done = step * grad_accum
+    return micro_done // per_epoch, micro_done % per_epoch
 
 
 def _tokens_per_micro_batch(micro: list[dict], world: int) -> torch.Tensor | None:
@@ -156,8 +192,7 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
     rank, world = setup_distributed()
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    optimizer, scheduler = _optimizer_and_schedule(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world))
     sampler = GroupedBatchSampler(lengths, has_image, cfg.micro_batch_size, world, rank, cfg.grad_accum, cfg.seed,
@@ -175,9 +210,8 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
         step, history = state["step"], state["history"]
         torch.set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=True))
         log(f"resumed from {ckpt} at step {step}")
-    micro_done = step * cfg.grad_accum
-    epoch = micro_done // per_epoch
-    sampler.set_epoch(epoch, micro_done % per_epoch)
+    epoch, skip = _resume_position(step, cfg.grad_accum, per_epoch)
+    sampler.set_epoch(epoch, skip)
     batches = iter(loader)
     if rank == 0 and sampler.repeated:
         log(f"{sampler.repeated} sample(s) repeated to fill the last batch of each modality")
