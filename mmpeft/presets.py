@@ -3,7 +3,9 @@
 `tiny` points into the zoo that mmpeft builds on the tiny world; the others name the Hub
 ids the papers used. Every source, zoo folder or Hub id, goes through the same
 `from_pretrained` call; a source that is neither a folder nor reachable raises an error
-that names the preset, the part, the source and how to provide it offline.
+that names the preset, the part, the source and how to provide it offline. Model weights
+are read from safetensors; a source published only as `pytorch_model*.bin` (many older
+checkpoints) is read from those, with a one-line note (see `load_pretrained`).
 """
 
 from __future__ import annotations
@@ -67,22 +69,55 @@ def _load(preset: Preset, part: str, loader, **kwargs):
         ) from err
 
 
-def load_lm(preset: Preset, **kwargs):
-    """`(AutoModelForCausalLM, AutoTokenizer)` from the preset's LM source."""
+def _has_file(source: str, name: str) -> bool:
+    path = Path(source)
+    if path.is_dir():
+        return (path / name).is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(source, name), str)  # what a load just fetched is in the cache
+
+
+def read_bin_weights(source: str) -> bool:
+    """Whether `from_pretrained` reads `source` (a folder, or a Hub repo already loaded once,
+    hence in the local cache) from `pytorch_model*.bin`: it has those and no safetensors."""
+    if _has_file(source, "model.safetensors") or _has_file(source, "model.safetensors.index.json"):
+        return False
+    return _has_file(source, "pytorch_model.bin") or _has_file(source, "pytorch_model.bin.index.json")
+
+
+def load_pretrained(source: str, from_pretrained, what: str = "model", log=print, **kwargs):
+    """`from_pretrained(source, **kwargs)` for model weights. transformers reads safetensors
+    when the source has them, else its `pytorch_model*.bin` with `torch.load(weights_only=True)`
+    (tensors only, no code runs); then `log` gets a one-line note naming `what` and the
+    source. `use_safetensors=True` in `kwargs` still refuses a `.bin`-only source."""
+    model = from_pretrained(source, **{"weights_only": True, **kwargs})
+    if kwargs.get("use_safetensors") is None and read_bin_weights(str(source)):
+        log(f"note: the {what} at {source} has no safetensors weights, so its pytorch_model*.bin was read "
+            "(torch.load with weights_only=True)")
+    return model
+
+
+def load_lm(preset: Preset, log=print, **kwargs):
+    """`(AutoModelForCausalLM, AutoTokenizer)` from the preset's LM source (weights as
+    `load_pretrained` reads them, its note to `log`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mmpeft.models.quant import keep_cpu_4bit_working
 
-    lm = keep_cpu_4bit_working(_load(preset, "lm", AutoModelForCausalLM.from_pretrained, **kwargs))
-    return lm, _load(preset, "lm", AutoTokenizer.from_pretrained)
+    lm = _load(preset, "lm", load_pretrained, from_pretrained=AutoModelForCausalLM.from_pretrained,
+               what=f"LM of preset '{preset.name}'", log=log, **kwargs)
+    return keep_cpu_4bit_working(lm), _load(preset, "lm", AutoTokenizer.from_pretrained)
 
 
-def load_clip(preset: Preset, **kwargs):
-    """`(CLIPModel, CLIPProcessor)` from the preset's CLIP source."""
+def load_clip(preset: Preset, log=print, **kwargs):
+    """`(CLIPModel, CLIPProcessor)` from the preset's CLIP source (weights as
+    `load_pretrained` reads them, its note to `log`)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    return _load(preset, "clip", CLIPModel.from_pretrained, **kwargs), _load(
-        preset, "clip", CLIPProcessor.from_pretrained)
+    clip = _load(preset, "clip", load_pretrained, from_pretrained=CLIPModel.from_pretrained,
+                 what=f"CLIP of preset '{preset.name}'", log=log, **kwargs)
+    return clip, _load(preset, "clip", CLIPProcessor.from_pretrained)
 
 
 def load_diffusion(preset: Preset, **kwargs):

@@ -3,17 +3,23 @@ on the LLM plus the fully trained connector, on multi-turn instruction conversat
 
     deepspeed recipes/llava_finetune.py                                  # tiny preset, tiny world, CPU
     deepspeed recipes/llava_finetune.py model.qlora=true                 # QLoRA
+    deepspeed recipes/llava_finetune.py --config llava_finetune_from_llava15_7b  # from llava-hf/llava-1.5-7b-hf
     deepspeed recipes/llava_finetune.py --config recipes/configs/llava_finetune_7b.yaml
     deepspeed --num_gpus 2 recipes/llava_finetune.py training.ds_config=ds_configs/zero3.json
     python recipes/llava_finetune.py --resume latest                     # continue a killed run
     deepspeed recipes/llava_finetune.py --push_to_hub --hub_model_id you/llava-finetune  # push when the run ends
 
 Trains: LoRA on every linear layer of the LLM (not its head), the connector (its own
-learning rate). Frozen: vision tower, LLM weights. Starts from the stage-1 connector in
-`model.init_connector`; without one it says so and starts the connector from scratch.
+learning rate). Frozen: vision tower, LLM weights. Starts from the preset's LM and CLIP
+with the stage-1 connector in `model.init_connector` (an mmpeft stage-1 folder, or LLaVA's
+released `mm_projector.bin`); without one it says so and starts the connector from scratch.
+With `model.init_from` (a released LLaVA in transformers' layout, such as
+llava-hf/llava-1.5-7b-hf) every part, the tokenizer and image processor come from that
+checkpoint instead, and the run records it as its base.
 Writes to `training.output_dir`: the LM adapter (`adapter_model.safetensors`, loadable with
-plain PEFT), `llava_adapter/`, `connector.safetensors`, the processor, `mmpeft_config.json`,
-`checkpoint-{step}/` (the same files plus the resumable engine state), `metrics.json`.
+plain PEFT; not with `init_from`), `llava_adapter/`, `connector.safetensors`, the processor,
+`mmpeft_config.json`, `checkpoint-{step}/` (the same files plus the resumable engine state),
+`metrics.json`.
 """
 
 import json
@@ -21,7 +27,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from mmpeft.data.conversation import ConversationEncoder, read_llava_json, read_messages_dataset
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
@@ -39,6 +44,7 @@ from mmpeft.llava.model import (
     llava_processor,
     load_base_models,
 )
+from mmpeft.llava.released import load_connector, load_released_llava
 from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
 from mmpeft.presets import resolve_preset
 from mmpeft.start import launch_record, start_recipe
@@ -52,29 +58,41 @@ def main(argv=None):
     m, d, t = cfg["model"], cfg["data"], cfg["training"]
 
     ##### model
-    preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
     dtype = torch.bfloat16 if t.get("bf16") else torch.float32
-    lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype)
-    image_token_id = add_image_token(tokenizer, lm, m["image_token"])
-    torch.manual_seed(t["seed"])
-    model = build_llava(vision, lm, image_token_id, m["connector"], m["vision_feature_layer"],
-                        m.get("connector_options"))
-    if m["init_connector"]:
-        if not (Path(m["init_connector"]) / "connector.safetensors").exists():
-            raise FileNotFoundError(f"model.init_connector: {m['init_connector']} holds no connector.safetensors; "
-                                    "give a stage-1 output or checkpoint folder, or null to start from scratch")
-        model.model.multi_modal_projector.load_state_dict(
-            load_file(Path(m["init_connector"]) / "connector.safetensors"))
-        log(f"connector: from stage 1 at {m['init_connector']}")
+    if m.get("init_from"):  # a released LLaVA brings every part: settings that choose them elsewhere would be ignored
+        clash = [f"model.{k}" for k in ("init_connector", "lm_path", "clip_path", "connector_options") if m.get(k)]
+        clash += ["model.connector (its connector is mlp2x_gelu)"] if m["connector"] != "mlp2x_gelu" else []
+        if clash:
+            raise ValueError(f"model.init_from ({m['init_from']}) brings the vision tower, connector and LM; "
+                             f"unset {', '.join(clash)}")
+        model, processor = load_released_llava(m["init_from"], m["qlora"], dtype, log=log)
+        tokenizer, image_processor, vision = processor.tokenizer, processor.image_processor, model.model.vision_tower
+        image_token, layer = processor.image_token, model.config.vision_feature_layer
+        sources = {"llava": m["init_from"]}  # mmpeft.load rebuilds the base from it
+        log(f"model: from {m['init_from']}, its image token {image_token!r} and vision_feature_layer {layer}")
+        torch.manual_seed(t["seed"])
     else:
-        log("connector: no stage-1 connector given (model.init_connector), so it starts from random weights")
+        preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
+        lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype, log=log)
+        image_token, layer = m["image_token"], m["vision_feature_layer"]
+        sources = {"lm": preset.lm, "clip": preset.clip}
+        image_token_id = add_image_token(tokenizer, lm, image_token)
+        torch.manual_seed(t["seed"])
+        model = build_llava(vision, lm, image_token_id, m["connector"], layer, m.get("connector_options"))
+        processor = llava_processor(image_processor, tokenizer, vision.config, image_token,
+                                    model.config.image_seq_length)
+        if m["init_connector"]:
+            read = load_connector(model.model.multi_modal_projector, m["init_connector"], m["connector"])
+            log(f"connector: from stage 1 at {m['init_connector']} ({read.name})")
+        else:
+            log("connector: no stage-1 connector given (model.init_connector), so it starts from random weights")
     model = apply_trainability(model, llava_parts(model), m["trainable"], LoraSettings(**m["lora"]))
     trainable, total = trainable_parameter_count(model)
     log(f"model: {total:,} parameters, {trainable:,} trainable ({m['trainable']}, qlora {m['qlora']})")
 
     ##### data
     encoder = ConversationEncoder(tokenizer, image_processor, chat_template(tokenizer, d["conversation_format"]),
-                                  m["image_token"], model.config.image_seq_length, d["max_length"],
+                                  image_token, model.config.image_seq_length, d["max_length"],
                                   d["pad_to_square"])
     source = d["train"]
     if source["format"] == "llava_json":
@@ -91,8 +109,7 @@ def main(argv=None):
     if d["feature_cache"]:  # only while the tower is frozen: its output is then the same every epoch
         if m["trainable"]["vision"] != "frozen":
             raise ValueError("data.feature_cache needs model.trainable.vision: frozen")
-        features = prepare_feature_cache(d["feature_cache"], samples, encoder, vision, m["vision_feature_layer"],
-                                         log=log)
+        features = prepare_feature_cache(d["feature_cache"], samples, encoder, vision, layer, log=log)
     dataset = ConversationDataset(samples, encoder, d["skip_bad_records"], features=features)
     log(f"data: {len(dataset)} conversations from {source['path']}" + (f"; {dataset.skip_report()}"
                                                                        if dataset.skipped else ""))
@@ -103,12 +120,10 @@ def main(argv=None):
     before = answer_accuracy(model, encoder, questions) if rank == 0 and questions else None
 
     ##### training
-    processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"],
-                                model.config.image_seq_length)
-    settings = {"recipe": "llava_finetune", "launch": launch_record(__file__, argv),
-                "sources": {"lm": preset.lm, "clip": preset.clip}, **{
-        k: m.get(k) for k in ("connector", "connector_options", "image_token", "vision_feature_layer", "trainable",
-                           "qlora")}, "config": cfg}
+    settings = {"recipe": "llava_finetune", "launch": launch_record(__file__, argv), "sources": sources,
+                "connector": m["connector"], "connector_options": m.get("connector_options"),
+                "image_token": image_token, "vision_feature_layer": layer, "trainable": m["trainable"],
+                "qlora": m["qlora"], "config": cfg}
 
     def export(folder, is_main):
         if is_main:

@@ -14,7 +14,7 @@ CLIP, the connector, Stable Diffusion (its UNet passes the diffusion loss's grad
 Loss: 0.01 LM + latent diffusion (Min-SNR 5) + 0.1 caption alignment, with 10% CFG dropout.
 Writes to `training.output_dir`: the LLaVA files (`llava_adapter/` holds the voken rows,
 `connector.safetensors`, processor, `mmpeft_config.json`), `mapper.safetensors`,
-`checkpoint-{step}/`, `metrics.json`.
+`checkpoint-{step}/`, `metrics.json` (with the records skipped, by reason, under "skipped").
 """
 
 import json
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from mmpeft.data.conversation import ConversationEncoder, read_caption_jsonl, read_caption_shards
 from mmpeft.data.diffusion_targets import CaptionTargets, LatentTargets, prepare_targets, sd_resolution
-from mmpeft.data.stories import VokenDataset, caption_voken_sample, collate_vokens
+from mmpeft.data.stories import VokenDataset, caption_voken_sample, check_caption_fit, collate_vokens
 from mmpeft.data.templates import chat_template
 from mmpeft.hub import push
 from mmpeft.llava.model import llava_parts, llava_processor, load_base_models
@@ -91,14 +91,15 @@ def main(argv=None):
     ##### data
     encoder = ConversationEncoder(tokenizer, image_processor, chat_template(tokenizer, d["conversation_format"]),
                                   m["image_token"], image_seq_length, d["max_length"])
+    check_caption_fit(encoder, voken_ids, d["prompt"])
     samples = read_pairs(d["train"], d["prompt"], m["n_vokens"])
     latents = LatentTargets(pipeline.vae, sd_resolution(pipeline), d["target_cache"])
     captions = CaptionTargets(pipeline.tokenizer, pipeline.text_encoder, d["target_cache"])
     prepare_targets(latents, [s.targets[0] for s in samples], log=log)
     prepare_targets(captions, [s.captions[0] for s in samples], log=log)
     dataset = VokenDataset(samples, encoder, voken_ids, latents, captions, d["skip_bad_records"])
-    log(f"data: {len(dataset)} caption pairs from {d['train']['path']}"
-        + (f"; {dataset.skip_report()}" if dataset.skipped else ""))
+    log(f"data: {len(dataset)} caption pairs from {d['train']['path']}; "
+        + (dataset.skip_report() or "no record skipped"))
 
     ##### training
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
@@ -116,6 +117,7 @@ def main(argv=None):
     if rank == 0:
         metrics = {k: history[-1][k] for k in history[-1] if k.endswith("loss")}
         metrics["first_loss"] = history[0]["loss"]
+        metrics["skipped"] = dict(dataset.skipped)
         e = cfg["eval"]
         if e["pairs"]:
             trained, _, _, _ = load_minigpt5(t["output_dir"])
@@ -127,7 +129,9 @@ def main(argv=None):
                 f"shuffled {gap['shuffled']:.4f} (paired gap {gap['gap']:.4f} +- {gap['gap_se']:.4f}), "
                 f"unconditional {gap['unconditional']:.4f}")
         Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        log("loss " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log("loss " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "skipped"))
+        if dataset.skipped:
+            log(dataset.skip_report())
         if args.push_to_hub:
             push(t["output_dir"], args.hub_model_id, log=log)
 

@@ -11,9 +11,12 @@ and image (context -> text + image), or the sentence of a shown image (image -> 
 Trains: LoRA on the LM (q/v projections by default), the vokens' rows, the mapper's
 transformer, the connector. Frozen: other LM weights, CLIP, the mapper's MLP and query,
 Stable Diffusion. Starts from the stage-1 folder in `model.init_from` (voken rows, mapper,
-connector). Writes to `training.output_dir`: the stage-1 file set plus the LoRA adapter,
-`checkpoint-{step}/`, `metrics.json` and `samples/index.html` (held-out stories with the
-generated text and image next to the true one).
+connector). Stops before reading data when `data.max_length` cannot hold the largest sample
+that `data.history` asks for (the error gives the numbers); records skipped for any reason are
+counted by reason in the start-up log and in `metrics.json` ("skipped"). Writes to
+`training.output_dir`: the stage-1 file set plus the LoRA adapter, `checkpoint-{step}/`,
+`metrics.json` and `samples/index.html` (held-out stories with the generated text and image
+next to the true one).
 """
 
 import json
@@ -21,13 +24,12 @@ import os
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 
 from mmpeft.data.conversation import ConversationEncoder
 from mmpeft.data.diffusion_targets import LatentTargets, prepare_targets, sd_resolution
 from mmpeft.data.feature_cache import prepare_feature_cache
-from mmpeft.data.stories import VokenDataset, collate_vokens, read_vist, story_samples
+from mmpeft.data.stories import VokenDataset, check_story_fit, collate_vokens, read_vist, story_samples
 from mmpeft.data.templates import chat_template
 from mmpeft.hub import push
 from mmpeft.llava.model import llava_parts, llava_processor, load_base_models
@@ -76,6 +78,8 @@ def main(argv=None):
         recorded = json.loads((stage1 / "mmpeft_config.json").read_text())["mapper"]
         if recorded != mapper_args:
             raise ValueError(f"model.mapper {mapper_args} differs from the stage-1 mapper {recorded} in {stage1}")
+        from peft import PeftModel  # here, so mmpeft's import quiets bitsandbytes first
+
         llava = PeftModel.from_pretrained(llava, stage1 / "llava_adapter").merge_and_unload()  # voken rows
         llava.model.multi_modal_projector.load_state_dict(load_file(stage1 / "connector.safetensors"))
         mapper.load_state_dict(load_file(stage1 / "mapper.safetensors"))
@@ -96,6 +100,9 @@ def main(argv=None):
     ##### data
     encoder = ConversationEncoder(tokenizer, image_processor, chat_template(tokenizer, d["conversation_format"]),
                                   m["image_token"], image_seq_length, d["max_length"])
+    shapes = check_story_fit(encoder, voken_ids, d["prompts"], d["tasks"], d["history"])  # before any data is read
+    largest = max(shapes, key=lambda s: s.tokens)
+    log(f"data.max_length {d['max_length']} holds the largest sample before its sentences: {largest.describe()}")
     stories = read_vist(d["train"]["path"], d["train"]["image_folder"])
     samples = [s for sid, steps in stories.items()
                for s in story_samples(sid, steps, d["prompts"], d["tasks"], d["history"], m["n_vokens"])]
@@ -107,7 +114,7 @@ def main(argv=None):
                                          m["vision_feature_layer"], log=log)
     dataset = VokenDataset(samples, encoder, voken_ids, latents, None, d["skip_bad_records"], features=features)
     log(f"data: {len(dataset)} samples ({', '.join(d['tasks'])}) from {len(stories)} stories in "
-        f"{d['train']['path']}" + (f"; {dataset.skip_report()}" if dataset.skipped else ""))
+        f"{d['train']['path']}; " + (dataset.skip_report() or "no record skipped"))
 
     ##### training
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
@@ -125,6 +132,7 @@ def main(argv=None):
     if rank == 0:
         metrics = {k: history[-1][k] for k in history[-1] if k.endswith("loss")}
         metrics["first_loss"] = history[0]["loss"]
+        metrics["skipped"] = dict(dataset.skipped)
         if e["stories"]:
             trained, _, trained_pipe, _ = load_minigpt5(t["output_dir"])
             test = list(read_vist(e["stories"], e["image_folder"]).items())[: e["limit"]]

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-IMAGE_MARKER = "<image>"
+from mmpeft.data.templates import IMAGE_MARKER, SeparatorFormat
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -160,14 +161,22 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 class ConversationEncoder:
     """Turns a `Sample` into `input_ids`, `labels` and `pixel_values`.
 
-    Labels are -100 everywhere but the tokens inside the template's generation blocks.
-    Each `<image>` token is expanded to `image_seq_length` copies after tokenization, so
-    the count of image tokens always equals the count of image features. A sample longer
-    than `max_length` is cut at the end, but never through or before an image's tokens, and
-    never down to no answer tokens: those are `BadRecord`s.
+    `chat_template` is what `templates.chat_template` returns. A Jinja template is rendered
+    and tokenized in one pass by transformers, its generation blocks giving the labels. A
+    `SeparatorFormat` (LLaVA's formats) is tokenized as LLaVA's `tokenizer_image_token` does:
+    the text between images one piece at a time, each with the tokenizer's own leading
+    handling (SentencePiece's dummy prefix), the tokens the tokenizer puts in front of a text
+    (`<s>`) once at the start, and the image token between pieces; labels come from each
+    token's characters.
+
+    Labels are -100 everywhere but the answers. Each `<image>` token is expanded to
+    `image_seq_length` copies after tokenization, so the count of image tokens always equals
+    the count of image features. A sample longer than `max_length` is cut at the end, but
+    never through or before an image's tokens, and never down to no answer tokens: those are
+    `BadRecord`s.
     """
 
-    def __init__(self, tokenizer, image_processor, chat_template: str, image_token: str,
+    def __init__(self, tokenizer, image_processor, chat_template: str | SeparatorFormat, image_token: str,
                  image_seq_length: int, max_length: int, pad_to_square: bool = False):
         self.tokenizer, self.image_processor, self.template = tokenizer, image_processor, chat_template
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
@@ -176,6 +185,7 @@ class ConversationEncoder:
         self.image_seq_length, self.max_length, self.pad = image_seq_length, max_length, pad_to_square
         mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.fill = tuple(int(round(255 * m)) for m in mean)
+        self.lead_ids = _leading_special_ids(tokenizer) if isinstance(chat_template, SeparatorFormat) else []
 
     def check(self, sample: Sample) -> None:
         """Structural checks that need no tokenizer."""
@@ -195,17 +205,15 @@ class ConversationEncoder:
     def encode_text(self, sample: Sample) -> dict:
         """Token ids and labels, images expanded to their token runs."""
         self.check(sample)
-        enc = self.tokenizer.apply_chat_template(
-            sample.messages, chat_template=self.template, tokenize=True, return_dict=True,
-            return_assistant_tokens_mask=True)
-        ids, labels = [], []
-        for tok, in_answer in zip(enc["input_ids"], enc["assistant_masks"], strict=True):
-            if tok == self.image_token_id:
-                ids += [tok] * self.image_seq_length
-                labels += [-100] * self.image_seq_length
-            else:
-                ids.append(tok)
-                labels.append(tok if in_answer else -100)
+        if isinstance(self.template, SeparatorFormat):
+            ids, labels = self._encode_pieces(sample, add_generation_prompt=False)
+        else:
+            enc = self.tokenizer.apply_chat_template(
+                sample.messages, chat_template=self.template, tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=True)
+            ids = enc["input_ids"]
+            labels = [tok if in_answer else -100 for tok, in_answer in zip(ids, enc["assistant_masks"], strict=True)]
+        ids, labels = self._expand_images(ids, labels)
         if len(ids) > self.max_length:
             if self.image_token_id in ids[self.max_length:]:
                 raise BadRecord(sample.id, f"{len(ids)} tokens: cutting to max_length {self.max_length} would cut "
@@ -218,13 +226,62 @@ class ConversationEncoder:
 
     def encode_prompt(self, sample: Sample) -> list[int]:
         """Token ids of a conversation that ends with a user turn, followed by the
-        template's cue for the assistant to answer (for generation)."""
-        ids = self.tokenizer.apply_chat_template(sample.messages, chat_template=self.template, tokenize=True,
-                                                 add_generation_prompt=True, return_dict=True)["input_ids"]
-        out = []
-        for tok in ids:
-            out += [tok] * self.image_seq_length if tok == self.image_token_id else [tok]
-        return out
+        format's cue for the assistant to answer (for generation)."""
+        if isinstance(self.template, SeparatorFormat):
+            ids, _ = self._encode_pieces(sample, add_generation_prompt=True)
+        else:
+            ids = self.tokenizer.apply_chat_template(sample.messages, chat_template=self.template, tokenize=True,
+                                                     add_generation_prompt=True, return_dict=True)["input_ids"]
+        return self._expand_images(ids, ids)[0]
+
+    def token_ids(self, sample: Sample) -> list[int]:
+        """The conversation's token ids as the format writes and tokenizes it, one image token
+        per image, nothing checked, expanded or cut (for sizing samples)."""
+        if isinstance(self.template, SeparatorFormat):
+            return self._encode_pieces(sample, add_generation_prompt=False)[0]
+        return self.tokenizer.apply_chat_template(sample.messages, chat_template=self.template, tokenize=True,
+                                                  return_dict=True)["input_ids"]
+
+    def _expand_images(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        out_ids, out_labels = [], []
+        for tok, lab in zip(ids, labels, strict=True):
+            if tok == self.image_token_id:
+                out_ids += [tok] * self.image_seq_length
+                out_labels += [-100] * self.image_seq_length
+            else:
+                out_ids.append(tok)
+                out_labels.append(lab)
+        return out_ids, out_labels
+
+    def _encode_pieces(self, sample: Sample, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+        """A `SeparatorFormat` conversation's ids and labels, one image token per image."""
+        roles = [m["role"] for m in sample.messages if m["role"] != "system"]
+        if any(r != ("user", "assistant")[k % 2] for k, r in enumerate(roles)):
+            raise BadRecord(sample.id, f"turns must alternate user, assistant, ... from a user turn; found {roles}",
+                            "turn order")
+        text, answers = "", []
+        for piece, in_answer in self.template.pieces(sample.messages, self.tokenizer.eos_token,
+                                                     add_generation_prompt):
+            if in_answer:
+                answers.append((len(text), len(text) + len(piece)))
+            text += piece
+        ids, labels = list(self.lead_ids), [-100] * len(self.lead_ids)
+        start = 0
+        for k, chunk in enumerate(text.split(IMAGE_MARKER)):
+            if k:
+                ids.append(self.image_token_id)
+                labels.append(-100)
+            enc = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+            for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+                a, b = a + start, b + start
+                inside = any(s <= a and b <= e for s, e in answers)
+                if not inside and any(a < e and s < b for s, e in answers):
+                    raise BadRecord(sample.id, f"token {self.tokenizer.convert_ids_to_tokens(tok)!r} "
+                                    f"({text[a:b]!r}) straddles the start or end of an answer", "answer boundary")
+                ids.append(tok)
+                labels.append(tok if inside else -100)
+            start += len(chunk) + len(IMAGE_MARKER)
+        return ids, labels
 
     def images(self, sample: Sample) -> torch.Tensor | None:
         """Preprocessed pixel values of the sample's images, or None for text-only."""
@@ -234,3 +291,14 @@ class ConversationEncoder:
         if self.pad:
             pil = [pad_to_square(im, self.fill) for im in pil]
         return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+
+
+def _leading_special_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts in front of a text on its own (Llama's `<s>`; none for
+    GPT-2-style tokenizers)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for k in range(len(full) - len(bare) + 1):
+        if full[k:k + len(bare)] == bare:
+            return full[:k]
+    raise ValueError(f"the tokenizer encodes 'a' as {bare} alone but {full} with its special tokens")

@@ -120,6 +120,77 @@ def story_samples(story_id: str, steps: list[StoryStep], prompts: dict[str, str]
     return out
 
 
+@dataclass
+class SampleShape:
+    """The shortest sequence a kind of sample needs: its images' token runs, its vokens and
+    the tokens of the chat template and the instruction, before any caption or sentence."""
+
+    task: str
+    images: int
+    image_tokens: int
+    vokens: int
+    template: int
+
+    @property
+    def tokens(self) -> int:
+        return self.images * self.image_tokens + self.vokens + self.template
+
+    def describe(self) -> str:
+        return (f"{self.task} task with {self.images} image(s): {self.images} x {self.image_tokens} image tokens + "
+                f"{self.vokens} vokens + {self.template} template and instruction tokens = {self.tokens}")
+
+
+def sample_shape(encoder, voken_ids: list[int], sample: VokenSample, task: str) -> SampleShape:
+    """Count the tokens of `sample` as the encoder writes and tokenizes it (its conversation
+    format), each `<image>` as the encoder's `image_seq_length` tokens; nothing is checked."""
+    ids = encoder.token_ids(sample.sample)
+    images = ids.count(encoder.image_token_id)
+    vokens = sum(ids.count(v) for v in voken_ids)
+    return SampleShape(task, images, encoder.image_seq_length, vokens, len(ids) - images - vokens)
+
+
+def story_shapes(encoder, voken_ids: list[int], prompts: dict[str, str], tasks, history: int,
+                 story_steps: int = 5) -> list[SampleShape]:
+    """The largest sample of each stage-2 task, with every sentence empty: the last step of
+    a story with all `history` earlier steps shown (at most `story_steps - 1` exist)."""
+    context = min(history, story_steps - 1)
+    steps = [StoryStep("", Path(f"step{k}")) for k in range(context + 1)]
+    samples = story_samples("shape", steps, prompts, tasks, history, len(voken_ids), last_step_only=True)
+    return [sample_shape(encoder, voken_ids, s, task) for s, task in zip(samples, tasks, strict=True)]
+
+
+def check_story_fit(encoder, voken_ids: list[int], prompts: dict[str, str], tasks, history: int,
+                    story_steps: int = 5) -> list[SampleShape]:
+    """Stop before any data is read when `encoder.max_length` cannot hold the largest stage-2
+    sample the settings ask for even with empty sentences; such samples would otherwise all
+    be cut or skipped. The error gives the numbers, names the recipe's `data.max_length` and
+    `data.history`, and the largest history that fits. Returns the shapes when all fit."""
+    shapes = story_shapes(encoder, voken_ids, prompts, tasks, history, story_steps)
+    limit = encoder.max_length
+    too_long = sorted((s for s in shapes if s.tokens > limit), key=lambda s: -s.tokens)
+    if not too_long:
+        return shapes
+    advice = f"raise data.max_length to at least {too_long[0].tokens} (the sentences come on top)"
+    for lower in range(min(history, story_steps - 1) - 1, -1, -1):
+        largest = max(story_shapes(encoder, voken_ids, prompts, tasks, lower, story_steps), key=lambda s: s.tokens)
+        if largest.tokens <= limit:
+            advice += f" or lower data.history to {lower} (largest sample then: {largest.describe()})"
+            break
+    raise ValueError(f"data.max_length {limit} cannot hold a stage-2 sample with data.history {history}: "
+                     + "; ".join(s.describe() for s in too_long) + f"; {advice}")
+
+
+def check_caption_fit(encoder, voken_ids: list[int], prompt: str) -> SampleShape:
+    """Stage 1's counterpart of `check_story_fit`: the caption prompt and the vokens, with an
+    empty caption, must fit `encoder.max_length`."""
+    shape = sample_shape(encoder, voken_ids, caption_voken_sample("shape", b"", "", prompt, len(voken_ids)),
+                         "caption")
+    if shape.tokens > encoder.max_length:
+        raise ValueError(f"data.max_length {encoder.max_length} cannot hold a stage-1 sample: {shape.describe()}; "
+                         f"raise data.max_length to at least {shape.tokens} (the caption comes on top)")
+    return shape
+
+
 class VokenDataset(Dataset):
     """Encoded conversations (see `ConversationDataset`: checked up front, bad records an
     error or a counted skip) with each voken run's target latents and, when

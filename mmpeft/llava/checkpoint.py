@@ -6,6 +6,8 @@ that loads any of them back.
     llava_adapter/                PEFT adapter on the whole LLaVA model (when any part is LoRA)
     adapter_config.json,          the same LoRA weights for the LM alone, in the LM's own module
     adapter_model.safetensors     names: `PeftModel.from_pretrained(base_lm, folder)` loads them
+                                  (not for a run from a released LLaVA, `init_from`: it has no LM
+                                  alone; `llava_adapter/` loads with plain PEFT onto that checkpoint)
     lm/                           the LM's weights, when the LM was fully fine-tuned
     processor files               `LlavaProcessor` (tokenizer with `<image>`, image processor)
 """
@@ -58,7 +60,7 @@ def save_llava(model, folder: str | Path, processor, settings: dict) -> None:
         lora = model.peft_config["default"]
         base_prefix = settings.get("lm_base_prefix", "model")
         tensors, targets = _lm_view(model, "model.language_model", base_prefix)
-        if tensors:
+        if tensors and "lm" in settings["sources"]:
             save_file(tensors, folder / "adapter_model.safetensors")
             LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=targets,
                        task_type="CAUSAL_LM", base_model_name_or_path=settings["sources"]["lm"]).save_pretrained(folder)
@@ -68,50 +70,73 @@ def save_llava(model, folder: str | Path, processor, settings: dict) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
-def quantized_like(settings: dict, load_kwargs: dict) -> dict:
+def trained_dtype(settings: dict):
+    """The dtype a run trained in (bf16 or fp32)."""
+    import torch
+
+    return torch.bfloat16 if settings.get("config", {}).get("training", {}).get("bf16") else torch.float32
+
+
+def quantized_like(settings: dict, load_kwargs: dict, skip_modules: list[str] | None = None) -> dict:
     """`load_kwargs` for the LM, with the 4-bit NF4 config it trained on when the run was
-    QLoRA (unless the caller gives its own)."""
+    QLoRA (unless the caller gives its own); `skip_modules` as it was kept out of 4 bits."""
     if not settings.get("qlora") or "quantization_config" in load_kwargs:
         return load_kwargs
-    import torch
-    from transformers import BitsAndBytesConfig
+    from mmpeft.llava.model import nf4_config
 
-    dtype = torch.bfloat16 if settings.get("config", {}).get("training", {}).get("bf16") else torch.float32
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
-    return {"dtype": dtype, **load_kwargs, "quantization_config": quant}
+    dtype = trained_dtype(settings)
+    return {"dtype": dtype, **load_kwargs, "quantization_config": nf4_config(dtype, skip_modules)}
+
+
+def _released_base(settings: dict, lm_source: str | None, clip_source: str | None, base_kwargs: dict,
+                   load_kwargs: dict):
+    """The released LLaVA a run started from (`init_from`), or a local copy of it."""
+    from mmpeft.llava.released import UNQUANTIZED, load_released_llava
+
+    copies = {s for s in (lm_source, clip_source) if s}
+    if len(copies) > 1:
+        raise ValueError(f"this run started from one LLaVA checkpoint ({settings['sources']['llava']}); give its "
+                         f"local copy once (lm= or clip=), not {sorted(copies)}")
+    load_kwargs = {"dtype": trained_dtype(settings), **quantized_like(settings, load_kwargs, UNQUANTIZED)}
+    model, _ = load_released_llava(copies.pop() if copies else settings["sources"]["llava"],
+                                   **base_kwargs, **load_kwargs)
+    return model
 
 
 def load_llava(folder: str | Path, lm_source: str | None = None, clip_source: str | None = None,
                base_kwargs: dict | None = None, **load_kwargs):
     """Rebuild a trained LLaVA from a checkpoint or output folder in one call; returns
     `(model, processor, settings)`. The base models come from the sources recorded at
-    training time unless `lm_source` / `clip_source` point elsewhere (a local copy);
+    training time unless `lm_source` / `clip_source` point elsewhere (a local copy; for a
+    run from a released LLaVA, `init_from`, either names the copy of that checkpoint);
     `base_kwargs` go to every base model's `from_pretrained`, `load_kwargs` to the LM's."""
     from transformers import AutoModel, AutoModelForCausalLM, CLIPModel, LlavaProcessor
 
     from mmpeft.llava.model import build_llava
     from mmpeft.models.quant import keep_cpu_4bit_working
     from mmpeft.models.tokens import add_tokens
+    from mmpeft.presets import load_pretrained
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not an mmpeft LLaVA checkpoint or output folder")
     settings = json.loads((folder / CONFIG_FILE).read_text())
     processor = LlavaProcessor.from_pretrained(folder)
-    lm_path = folder / "lm" if (folder / "lm").is_dir() else None
-    load_kwargs = quantized_like(settings, load_kwargs)
     base_kwargs = base_kwargs or {}
-    lm = AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"], **base_kwargs, **load_kwargs)
-    keep_cpu_4bit_working(lm)
-    tokenizer = processor.tokenizer
-    add_tokens(tokenizer, lm, [settings["image_token"]])
-    if lm_path is not None:  # the LM was fully fine-tuned: its trained body replaces the base's
-        lm.base_model.load_state_dict(AutoModel.from_pretrained(lm_path, **base_kwargs).state_dict())
-    clip = CLIPModel.from_pretrained(clip_source or settings["sources"]["clip"], **base_kwargs)
-    model = build_llava(clip.vision_model, lm, tokenizer.convert_tokens_to_ids(settings["image_token"]),
-                        settings["connector"], settings.get("vision_feature_layer", -2),
-                        settings.get("connector_options"))
+    if "llava" in settings["sources"]:
+        model = _released_base(settings, lm_source, clip_source, base_kwargs, load_kwargs)
+    else:
+        lm = load_pretrained(lm_source or settings["sources"]["lm"], AutoModelForCausalLM.from_pretrained, "LM",
+                             **base_kwargs, **quantized_like(settings, load_kwargs))
+        keep_cpu_4bit_working(lm)
+        add_tokens(processor.tokenizer, lm, [settings["image_token"]])
+        clip = load_pretrained(clip_source or settings["sources"]["clip"], CLIPModel.from_pretrained, "CLIP",
+                               **base_kwargs)
+        model = build_llava(clip.vision_model, lm, processor.tokenizer.convert_tokens_to_ids(settings["image_token"]),
+                            settings["connector"], settings.get("vision_feature_layer", -2),
+                            settings.get("connector_options"))
+    if (folder / "lm").is_dir():  # the LM was fully fine-tuned: its trained body replaces the base's
+        model.model.language_model.load_state_dict(AutoModel.from_pretrained(folder / "lm", **base_kwargs).state_dict())
     model.model.multi_modal_projector.load_state_dict(load_file(folder / "connector.safetensors"))
     if (folder / "llava_adapter").is_dir():
         model = PeftModel.from_pretrained(model, folder / "llava_adapter")

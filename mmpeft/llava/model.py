@@ -91,23 +91,28 @@ def llava_processor(image_processor, tokenizer, vision_config, image_token: str 
                           num_additional_image_tokens=extra)
 
 
-def load_base_models(preset, qlora: bool = False, dtype: torch.dtype = torch.float32):
-    """From a resolved preset: the causal LM (4-bit NF4 when `qlora`; its head and the
-    vision tower stay unquantized), its tokenizer, the CLIP vision tower and CLIP's image
-    processor."""
+def nf4_config(dtype: torch.dtype, skip_modules: list[str] | None = None):
+    """QLoRA's 4-bit NF4 quantization (double quantization, compute in `dtype`).
+    `skip_modules`: module names kept out of it; without them transformers keeps out the
+    output head."""
     from transformers import BitsAndBytesConfig
 
+    # storage in the compute dtype lets ZeRO-3 shard the 4-bit weights like any other tensor
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
+                              llm_int8_skip_modules=skip_modules)
+
+
+def load_base_models(preset, qlora: bool = False, dtype: torch.dtype = torch.float32, log=print):
+    """From a resolved preset: the causal LM (4-bit NF4 when `qlora`; its head and the
+    vision tower stay unquantized), its tokenizer, the CLIP vision tower and CLIP's image
+    processor. `log` gets the loaders' notes (a base read from `.bin` weights)."""
     from mmpeft.presets import load_clip, load_lm
 
-    quant = None
-    if qlora:
-        # storage in the compute dtype lets ZeRO-3 shard the 4-bit weights like any other tensor
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
-    lm, tokenizer = load_lm(preset, dtype=dtype, quantization_config=quant)
+    lm, tokenizer = load_lm(preset, log=log, dtype=dtype, quantization_config=nf4_config(dtype) if qlora else None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    clip, processor = load_clip(preset, dtype=dtype)
+    clip, processor = load_clip(preset, log=log, dtype=dtype)
     return lm, tokenizer, clip.vision_model, processor.image_processor
 
 

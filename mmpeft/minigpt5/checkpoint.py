@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from mmpeft.families import CONFIG_FILE
 from mmpeft.llava.checkpoint import quantized_like, save_llava
 from mmpeft.llava.model import build_llava
-from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper
+from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, scheduler_prediction_type
 from mmpeft.models.quant import keep_cpu_4bit_working
 from mmpeft.models.tokens import add_tokens
 from mmpeft.models.vokens import voken_names
@@ -53,10 +53,14 @@ def assemble_minigpt5(lm, tokenizer, vision, pipeline, image_token: str, n_voken
 
 
 def training_scheduler(pipeline):
-    """The DDPM noise schedule of the pipeline's scheduler config, as SD training uses."""
+    """The DDPM noise schedule of the pipeline's scheduler config, as SD training uses. It
+    keeps the config's `prediction_type` (SD 2.1 at 768 px: `v_prediction`), which sets the
+    loss's target; an unsupported one is an error here, before any training."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(pipeline.scheduler.config)
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    scheduler_prediction_type(scheduler)
+    return scheduler
 
 
 def minigpt5_settings(recipe: str, preset, mapper_args: dict, config: dict, launch: dict | None = None) -> dict:
@@ -86,8 +90,9 @@ def load_minigpt5(folder: str | Path, lm_source: str | None = None, clip_source:
     `(model, processor, pipeline, settings)` with the model in eval mode. Base models come
     from the recorded sources unless a local copy is given; `base_kwargs` go to the LM's
     and CLIP's `from_pretrained` (its `use_safetensors` to the pipeline's too)."""
-    from diffusers import StableDiffusionPipeline
     from transformers import AutoModelForCausalLM, CLIPModel, LlavaProcessor
+
+    from mmpeft.models.diffusion import stable_diffusion_pipeline_class
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).exists() or not (folder / "mapper.safetensors").exists():
@@ -101,8 +106,8 @@ def load_minigpt5(folder: str | Path, lm_source: str | None = None, clip_source:
     keep_cpu_4bit_working(lm)
     vision = CLIPModel.from_pretrained(clip_source or src["clip"], **base_kwargs).vision_model
     safetensors = {k: v for k, v in base_kwargs.items() if k == "use_safetensors"}
-    pipeline = StableDiffusionPipeline.from_pretrained(diffusion_source or src["diffusion"], safety_checker=None,
-                                                       requires_safety_checker=False, **safetensors)
+    pipeline = stable_diffusion_pipeline_class().from_pretrained(
+        diffusion_source or src["diffusion"], safety_checker=None, requires_safety_checker=False, **safetensors)
     pipeline.set_progress_bar_config(disable=True)
     llava, voken_ids = assemble_minigpt5(lm, processor.tokenizer, vision, pipeline, settings["image_token"],
                                          settings["n_vokens"], settings["connector"],

@@ -14,6 +14,7 @@ from mmpeft.data.conversation import Sample
 from mmpeft.data.stories import VokenDataset, VokenSample, collate_vokens
 from mmpeft.eval.clip_scores import clip_image_embeddings, clip_text_embeddings
 from mmpeft.minigpt5.generation import interleaved_generate
+from mmpeft.minigpt5.model import diffusion_target
 from mmpeft.models.diffusion import generate_from_captions, generate_images
 
 
@@ -40,7 +41,8 @@ def mapped_conditions(model, dataset: VokenDataset, batch_size: int = 16) -> tup
 @torch.no_grad()
 def conditioning_gap(model, conditions: torch.Tensor, latents: torch.Tensor, draws: int = 8,
                      seed: int = 0) -> dict[str, float]:
-    """Mean diffusion loss (epsilon MSE, unweighted) on held-out latents with their own
+    """Mean diffusion loss (unweighted MSE against the scheduler's prediction target,
+    `diffusion_target`: noise, velocity or latents) on held-out latents with their own
     conditioning, with another sample's (shifted by one), and with the unconditional
     embedding; the same noise and timesteps for all three. `gap` is the mean paired
     difference shuffled - right per sample and `gap_se` its standard error: a gap several
@@ -53,9 +55,10 @@ def conditioning_gap(model, conditions: torch.Tensor, latents: torch.Tensor, dra
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen)
         noisy = sched.add_noise(latents, noise, t)
+        target = diffusion_target(sched, latents, noise, t)
         for name, cond in (("right", conditions), ("shuffled", conditions.roll(1, 0)), ("unconditional", uncond)):
             pred = model.unet(noisy, t, encoder_hidden_states=cond).sample
-            per_sample[name] = per_sample[name] + F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) / draws
+            per_sample[name] = per_sample[name] + F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) / draws
     diff = per_sample["shuffled"] - per_sample["right"]
     se = diff.std().item() / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
     return {**{k: v.mean().item() for k, v in per_sample.items()}, "gap": diff.mean().item(), "gap_se": se}

@@ -4,6 +4,9 @@ diffusion loss through the frozen UNet.
 
     loss = w_text * LM loss + w_image * latent diffusion loss (Min-SNR) + w_caption * caption MSE
 
+The diffusion loss regresses what the UNet predicts (its scheduler's `prediction_type`:
+the noise for SD 2.1-base, the velocity for SD 2.1 at 768 px).
+
 The paper's weights are 0.01, 1 and 0.1; the caption term (stage 1) pulls the mapped
 features towards the SD text encoder's encoding of the caption. `cfg_dropout` replaces the
 voken states of a fraction of occurrences by zeros (and their caption target by the empty
@@ -50,8 +53,13 @@ class VokenMapper(nn.Module):
         self.mlp = (nn.Sequential(nn.Linear(llm_hidden, d_model), nn.GELU(), nn.Linear(d_model, d_model))
                     if input_layers == 2 else nn.Linear(llm_hidden, d_model))
         self.query = LearnedQuery(n_query, d_model)
+        # the encoder built here only to turn off nested tensors, which pre-norm layers cannot use
+        # (nn.Transformer would warn on every build); the same modules and initialisation
+        encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(d_model, heads, ff, dropout=0.0, batch_first=True, norm_first=True),
+            encoder_layers, nn.LayerNorm(d_model), enable_nested_tensor=False)
         self.transformer = nn.Transformer(d_model, heads, encoder_layers, decoder_layers, ff, dropout=0.0,
-                                          batch_first=True, norm_first=True)
+                                          custom_encoder=encoder, batch_first=True, norm_first=True)
         self.out = nn.Linear(d_model, out_dim) if d_model != out_dim else nn.Identity()
 
     def forward(self, voken_states: torch.Tensor) -> torch.Tensor:
@@ -71,24 +79,65 @@ def cfg_dropout(states: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.
     return states.masked_fill(dropped[:, None, None], 0.0), dropped
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction: min(SNR, gamma) / SNR."""
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def scheduler_prediction_type(noise_scheduler) -> str:
+    """What the UNet was trained to predict, from its scheduler's config (`epsilon`, the
+    noise; `v_prediction`, the velocity, as in SD 2.1 at 768 px; `sample`, the clean
+    latents). A scheduler config without the field predicts the noise, as diffusers reads it."""
+    kind = noise_scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"noise scheduler prediction_type {kind!r} is not supported; "
+                         f"supported: {', '.join(PREDICTION_TYPES)}")
+    return kind
+
+
+def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """The regression target of the UNet's output for `latents` noised with `noise` at
+    `timesteps`: the noise, the velocity (`get_velocity`) or the latents, by the scheduler's
+    `prediction_type`. Training and the held-out loss both take it from here, so a
+    v-prediction UNet is never scored against the noise."""
+    kind = scheduler_prediction_type(noise_scheduler)
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return latents
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) in the form of the prediction target:
+    min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v-prediction (as
+    diffusers' `train_text_to_image.py` computes them), min(SNR, gamma) for the sample."""
     a = alphas_cumprod.to(timesteps.device)[timesteps]
     snr = a / (1 - a)
-    return snr.clamp(max=gamma) / snr
+    capped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return capped / snr
+    if prediction_type == "v_prediction":
+        return capped / (snr + 1)
+    if prediction_type == "sample":
+        return capped
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported; supported: {', '.join(PREDICTION_TYPES)}")
 
 
 def latent_diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, condition: torch.Tensor,
                           snr_gamma: float | None = 5.0) -> torch.Tensor:
-    """Noise scaled latents at uniform timesteps, let the UNet predict the noise given
-    `condition` (its `encoder_hidden_states`), and return the (Min-SNR weighted) MSE."""
+    """Noise scaled latents at uniform timesteps, let the UNet predict its target given
+    `condition` (its `encoder_hidden_states`), and return the (Min-SNR weighted) MSE. The
+    target and the weights follow the scheduler's `prediction_type` (`diffusion_target`)."""
+    kind = scheduler_prediction_type(noise_scheduler)
     noise = torch.randn_like(latents)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, encoder_hidden_states=condition.to(latents.dtype)).sample
-    per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    target = diffusion_target(noise_scheduler, latents, noise, t)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma:
-        per_sample = per_sample * min_snr_weights(noise_scheduler.alphas_cumprod, t, snr_gamma)
+        per_sample = per_sample * min_snr_weights(noise_scheduler.alphas_cumprod, t, snr_gamma, kind)
     return per_sample.mean()
 
 

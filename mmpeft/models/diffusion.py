@@ -3,7 +3,29 @@ captions, shared by the families that draw."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+# diffusers' pipelines import transformers' CLIP and SigLIP image processors for IP-adapters,
+# which mmpeft never uses; without torchvision transformers notes that those fall back to PIL
+_UNUSED_PROCESSOR_NOTE = "requires torchvision (not installed); falling back to"
+
+
+def _not_the_unused_processor_note(record: logging.LogRecord) -> bool:
+    return _UNUSED_PROCESSOR_NOTE not in record.getMessage()
+
+
+def stable_diffusion_pipeline_class():
+    """diffusers' `StableDiffusionPipeline`, imported without transformers' note about the
+    IP-adapter image processors it loads and mmpeft never uses (other notes still show)."""
+    notes = logging.getLogger("transformers.utils.import_utils")
+    notes.addFilter(_not_the_unused_processor_note)
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        notes.removeFilter(_not_the_unused_processor_note)
+    return StableDiffusionPipeline
 
 
 @torch.no_grad()

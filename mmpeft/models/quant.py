@@ -9,9 +9,32 @@ an inference speed-up. Two things break on that path:
   state dict is saved (`_convert_weight_packed_for_cpu_inverse` asserts on its shape), and
   a recipe evaluates before it trains.
 So every 4-bit layer stays on the plain dequantizing path, the one training uses anyway.
+
+On those CPUs, importing bitsandbytes (peft imports it whenever it is installed) also logs
+"Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'".
+That kernel only ever runs on repacked weights (`matmul_4bit` checks `packing_format_for_cpu`),
+so mmpeft never uses it; installing `kernels` would only have bitsandbytes download it from
+the Hub on import. That one note is dropped; every other bitsandbytes message still shows.
 """
 
 from __future__ import annotations
+
+import logging
+
+BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
+KERNELS_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_the_kernels_note(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(KERNELS_NOTE)
+
+
+def quiet_bitsandbytes_import() -> None:
+    """Drop bitsandbytes' note about the missing kernels-community CPU kernel, which mmpeft
+    never uses (see the module docstring). It is logged while bitsandbytes is imported, so
+    call this before the first `import peft` or `import bitsandbytes`; calling it again
+    changes nothing."""
+    logging.getLogger(BNB_CPU_OPS_LOGGER).addFilter(_not_the_kernels_note)
 
 
 def keep_cpu_4bit_working(model):

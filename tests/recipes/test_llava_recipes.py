@@ -229,3 +229,84 @@ def test_mmpeft_load_rebuilds_the_run_and_export_is_native_with_the_same_generat
     assert served[0]["generated_text"] == processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
     with pytest.raises(ValueError, match="merged export"):
         mmpeft.load(exported)
+
+
+@pytest.fixture(scope="module")
+def released(stage2):
+    """Stage 2's run exported as a native transformers LLaVA, as `llava-hf/llava-1.5-7b-hf` is published."""
+    from mmpeft.export import export_run
+
+    return export_run(stage2[0], stage2[0].parent / "released")
+
+
+def _first_records(small_world, folder, n=4):
+    """The first `n` image conversations of the world as a training file: one micro-batch of `n` is then
+    the whole of every epoch, so the first step's loss is the model's loss on exactly these."""
+    records = [r for r in json.loads((small_world / "llava/train.json").read_text()) if "image" in r][:n]
+    path = folder / "first_records.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_stage2_from_a_released_llava_starts_from_its_weights_and_reloads(released, small_world, small_zoo):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import mmpeft
+    from mmpeft.data.conversation import ConversationEncoder, read_llava_json
+    from mmpeft.data.dataset import ConversationDataset, collate_conversations
+    from mmpeft.data.templates import chat_template
+
+    train = _first_records(small_world, released.parent)
+    out = released.parent / "stage2_from_released"
+    stdout = _run("llava_finetune.py", out, small_world, small_zoo[0], f"model.init_from={released}",
+                  "model.init_connector=null", "data.feature_cache=null", f"data.train.path={train}",
+                  "training.max_steps=2")
+    assert f"model: from {released}, its image token '<image>' and vision_feature_layer -2" in stdout
+    # no LM-alone adapter: the run has no separate base LM; llava_adapter/ goes onto the checkpoint itself
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES | {"llava_adapter", "checkpoint-2", "metrics.json"}
+    settings = json.loads((out / "mmpeft_config.json").read_text())
+    assert settings["sources"] == {"llava": str(released)} and settings["image_token"] == "<image>"
+
+    native = LlavaForConditionalGeneration.from_pretrained(released).eval()  # no mmpeft code
+    processor = AutoProcessor.from_pretrained(released)
+    tokenizer = processor.tokenizer
+    encoder = ConversationEncoder(tokenizer, processor.image_processor, chat_template(tokenizer, "tokenizer"),
+                                  "<image>", native.config.image_seq_length, 256)
+    dataset = ConversationDataset(read_llava_json(train, small_world / "coco"), encoder)
+    batch = collate_conversations(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():  # step 1's loss is the step-0 model's: the checkpoint's weights, LoRA still zero
+        assert _history(out / "checkpoint-2")[0]["loss"] == pytest.approx(native(**batch).loss.item(), rel=1e-5)
+
+    loaded = mmpeft.load(out)
+    inputs = {k: v[:1] for k, v in batch.items() if k != "labels"}  # the first conversation and its image
+    with torch.no_grad():
+        base = native(**inputs).logits
+        trained = loaded.model(**inputs).logits
+        on_checkpoint = PeftModel.from_pretrained(native, out / "llava_adapter").eval()(**inputs).logits
+    assert loaded.settings["sources"] == {"llava": str(released)}
+    torch.testing.assert_close(trained, on_checkpoint, rtol=0, atol=1e-6)  # plain PEFT on the checkpoint agrees
+    assert not torch.allclose(trained, base, atol=1e-4)  # and it is the trained model, not the checkpoint
+
+
+def test_qlora_from_a_released_llava_keeps_the_vision_tower_and_projector_unquantized(released, small_world,
+                                                                                      small_zoo):
+    out = released.parent / "stage2_from_released_qlora"
+    stdout = _run("llava_finetune.py", out, small_world, small_zoo[0], f"model.init_from={released}",
+                  "model.init_connector=null", "data.feature_cache=null", "model.qlora=true", "training.max_steps=2",
+                  "eval.limit=2")
+    assert "qlora True" in stdout
+    model, _, settings = load_llava(out)  # rebuilt on the checkpoint in 4 bits, as it trained
+    quantized = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert settings["qlora"] and quantized
+    assert all(".language_model." in n for n in quantized)
+    assert not any(".vision_tower." in n or ".multi_modal_projector." in n or "lm_head" in n for n in quantized)
+
+
+def test_init_from_with_init_connector_is_refused_before_loading(stage1, released, small_world, small_zoo):
+    cmd, env = _command("llava_finetune.py", released.parent / "refused", small_world, small_zoo[0],
+                        f"model.init_from={released}", f"model.init_connector={stage1[0]}")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    assert (f"model.init_from ({released}) brings the vision tower, connector and LM; unset model.init_connector"
+            in proc.stderr)
+    assert not (released.parent / "refused").exists()

@@ -3,6 +3,7 @@ stage 1 under plain python, stage 2 from it on two DeepSpeed ranks under ZeRO-3.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,7 @@ def test_stage1_trains_voken_rows_and_mapper_and_logs_each_loss(stage1, small_zo
     assert history[-1]["text_loss"] < history[0]["text_loss"]  # the voken rows learn to be emitted
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"heldout_diffusion_loss_right", "heldout_diffusion_loss_shuffled"} <= set(metrics)
+    assert metrics["skipped"] == {} and "; no record skipped" in stdout
     assert "trainable (voken rows, mapper {'mlp': 'full', 'query': 'full', 'transformer': 'full'})" in stdout
 
     model, _, _, _ = load_minigpt5(out)
@@ -79,6 +81,7 @@ def test_stage1_trains_voken_rows_and_mapper_and_logs_each_loss(stage1, small_zo
 def test_stage2_on_two_ranks_under_zero3_starts_from_stage1(stage2, stage1):
     out, stdout = stage2
     assert f"voken rows, mapper and connector: from stage 1 at {stage1[0]}" in stdout
+    assert "data.max_length 160 holds the largest sample before its sentences: " in stdout
     assert {p.name for p in out.iterdir()} == EXPORT | {"adapter_config.json", "adapter_model.safetensors",
                                                         "checkpoint-2", "checkpoint-4", "metrics.json", "samples"}
     assert {p.name for p in (out / "checkpoint-4").iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "mapper.safetensors"}
@@ -99,7 +102,7 @@ def test_stage2_on_two_ranks_under_zero3_starts_from_stage1(stage2, stage1):
     for key in ("voken_emission_where_image", "clip_image_similarity", "clip_image_similarity_shuffled",
                 "clip_image_similarity_sd_caption", "clip_text_similarity_guided", "diffusion_loss_right"):
         assert key in metrics
-    assert metrics["stories"] == 2
+    assert metrics["stories"] == 2 and metrics["skipped"] == {}
     page = (out / "samples" / "index.html").read_text()
     assert page.count("<h2>") == 1 and "SD given the true caption" in page
 
@@ -117,6 +120,35 @@ def test_stage2_says_when_it_starts_from_scratch(small_world, small_zoo, tmp_pat
     assert "no stage-1 folder given (model.init_from): voken rows, mapper and connector start from scratch" in stdout
     assert "qlora True" in stdout
     assert json.loads((tmp_path / "scratch" / "metrics.json").read_text())["stories"] == 1
+
+
+def test_stage2_stops_when_max_length_cannot_hold_a_sample_and_counts_what_it_skips(small_world, small_zoo,
+                                                                                     tmp_path):
+    common = [f"fixture.world_dir={small_world}", f"fixture.zoo_dir={small_zoo[0]}", "model.init_from=null",
+              "data.feature_cache=null", "eval.stories=null", "threads=1"]
+    cache = tmp_path / "targets"
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "minigpt5_stage2.py"), *common,
+                           f"training.output_dir={tmp_path / 'short'}", f"data.target_cache={cache}",
+                           "data.max_length=40"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    found = re.search(r"data.max_length 40 cannot hold a stage-2 sample with data.history 2: (\w+) task with "
+                      r"(\d) image\(s\): \2 x (\d+) image tokens \+ (\d) vokens \+ (\d+) template and instruction "
+                      r"tokens = (\d+);.* raise data.max_length to at least \6 ", proc.stderr)
+    assert found, proc.stderr[-3000:]
+    images, per_image, vokens, template, total = map(int, found.groups()[1:])
+    assert images * per_image + vokens + template == total
+    assert not cache.exists()  # stopped before any target was encoded
+    # at exactly the floor every sample with a sentence before its last image is cut: skipped, counted, reported
+    stdout = _run("minigpt5_stage2.py", tmp_path / "floor", small_world, small_zoo[0], *common[2:],
+                  f"data.max_length={total}", "data.skip_bad_records=true", "training.max_steps=2")
+    line = next(x for x in stdout.splitlines() if x.startswith("data: ") or "] data: " in x)
+    kept, stories, skipped = map(int, re.search(r"data: (\d+) samples \(image, multimodal, text\) from (\d+) "
+                                                r"stories in \S+; skipped (\d+) record\(s\): ", line).groups())
+    assert kept > 0 and skipped > 0 and kept + skipped == stories * 5 * 3
+    metrics = json.loads((tmp_path / "floor" / "metrics.json").read_text())
+    assert sum(metrics["skipped"].values()) == skipped
+    assert all(f"{n} {reason}" in line for reason, n in metrics["skipped"].items())
 
 
 def test_generate_writes_a_page_for_stories_and_for_a_prompt(stage2, small_world, tmp_path):

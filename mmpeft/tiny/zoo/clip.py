@@ -7,7 +7,7 @@ import random
 import torch
 from transformers import (
     CLIPConfig,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPModel,
     CLIPProcessor,
     CLIPTokenizer,
@@ -29,8 +29,8 @@ def tiny_clip_config(tokenizer: CLIPTokenizer, image_size: int = 64) -> CLIPConf
 
 def tiny_clip_processor(tokenizer: CLIPTokenizer, image_size: int = 64) -> CLIPProcessor:
     """CLIP's preprocessing (resize, centre crop, CLIP mean and std) at the tiny size."""
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
     return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 

@@ -16,9 +16,10 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import get_cosine_schedule_with_warmup
 
+from mmpeft.models.diffusion import stable_diffusion_pipeline_class
 from mmpeft.tiny.world.scene import BACKGROUND, COLOURS, COLUMNS, ROWS
 
 
@@ -113,10 +114,10 @@ def train_unet(unet: UNet2DConditionModel, latents: torch.Tensor, text_embeds: t
     return ema.eval(), losses
 
 
-def make_pipeline(vae, unet, text_encoder, tokenizer) -> StableDiffusionPipeline:
+def make_pipeline(vae, unet, text_encoder, tokenizer):
     """A stock `StableDiffusionPipeline` (DDIM sampling, no safety checker)."""
     scheduler = DDIMScheduler.from_config(noise_scheduler().config, steps_offset=1, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(
+    pipe = stable_diffusion_pipeline_class()(
         vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from transformers import CLIPImageProcessor
+from transformers import CLIPImageProcessorPil
 
 from mmpeft.data.conversation import (
     BadRecord,
@@ -29,8 +29,8 @@ def tokenizer():
 
 
 def _encoder(tokenizer, fmt="tokenizer", max_length=512):
-    return ConversationEncoder(tokenizer, CLIPImageProcessor(size={"shortest_edge": 32},
-                                                             crop_size={"height": 32, "width": 32}),
+    return ConversationEncoder(tokenizer, CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                                crop_size={"height": 32, "width": 32}),
                                chat_template(tokenizer, fmt), IMAGE_TOKEN, N_IMAGE, max_length)
 
 
@@ -66,7 +66,7 @@ def test_plain_format_is_image_then_caption(tokenizer):
     sample = Sample("c1", [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "Red."}], ["x"])
     enc = _encoder(tokenizer, "plain").encode_text(sample)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    caption = tokenizer("Red.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    caption = tokenizer("Red.\n", add_special_tokens=False)["input_ids"]  # LLaVA's separator, not EOS
     assert enc["input_ids"] == [image_id] * N_IMAGE + caption
     assert enc["labels"] == [-100] * N_IMAGE + caption
 
@@ -145,8 +145,8 @@ def test_pad_to_square_centres_the_image_on_the_mean_colour(tokenizer, tmp_path)
     from PIL import Image
 
     Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "wide.png")
-    encoder = ConversationEncoder(tokenizer, CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                crop_size={"height": 32, "width": 32}),
+    encoder = ConversationEncoder(tokenizer, CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                                   crop_size={"height": 32, "width": 32}),
                                   chat_template(tokenizer, "tokenizer"), IMAGE_TOKEN, N_IMAGE, 512, pad_to_square=True)
     sample = Sample("w", TWO_TURNS.messages, [tmp_path / "wide.png"])
     pixels = encoder.images(sample)[0]  # normalised: the mean colour becomes 0

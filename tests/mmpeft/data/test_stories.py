@@ -7,7 +7,15 @@ import torch
 
 from mmpeft.data.conversation import ConversationEncoder
 from mmpeft.data.diffusion_targets import CaptionTargets, LatentTargets, image_to_sd
-from mmpeft.data.stories import VokenDataset, read_vist, story_samples
+from mmpeft.data.stories import (
+    StoryStep,
+    VokenDataset,
+    check_caption_fit,
+    check_story_fit,
+    read_vist,
+    story_samples,
+    story_shapes,
+)
 from mmpeft.data.templates import chat_template
 from mmpeft.llava.model import load_base_models
 from mmpeft.models.vokens import add_vokens
@@ -105,3 +113,53 @@ def test_images_are_centre_cropped_to_the_sd_size():
     x = image_to_sd(im, 32)
     assert x.shape == (3, 32, 32)
     assert torch.allclose(x[0], torch.ones(32, 32)) and torch.allclose(x[1], -torch.ones(32, 32))
+
+
+def test_the_fit_check_stops_a_max_length_that_cannot_hold_the_largest_sample(parts):
+    _, _, voken_ids, _ = parts
+    shapes = {s.task: s for s in story_shapes(_encoder(parts, 512), voken_ids, PROMPTS, ["image", "multimodal", "text"],
+                                              history=2)}
+    assert (shapes["text"].images, shapes["image"].images, shapes["multimodal"].images) == (3, 2, 2)
+    assert (shapes["text"].vokens, shapes["image"].vokens) == (0, 8)
+    # the count is the encoder's own: a real image-task sample whose sentences are empty
+    steps = [StoryStep("", f"{k}.jpg") for k in range(3)]
+    real = story_samples("s", steps, PROMPTS, tasks=["image"], history=2, last_step_only=True)[0]
+    assert len(_encoder(parts, 512).encode_text(real.sample)["input_ids"]) == shapes["image"].tokens
+    largest = max(shapes.values(), key=lambda s: s.tokens)
+    at_history_1 = max(story_shapes(_encoder(parts, 512), voken_ids, PROMPTS, list(shapes), history=1),
+                       key=lambda s: s.tokens)
+    limit = largest.tokens - 1
+    assert at_history_1.tokens <= limit  # 4 image tokens an image: one image fewer fits
+    with pytest.raises(ValueError) as err:
+        check_story_fit(_encoder(parts, limit), voken_ids, PROMPTS, list(shapes), history=2)
+    message = str(err.value)
+    assert message.startswith(f"data.max_length {limit} cannot hold a stage-2 sample with data.history 2: "
+                              f"{largest.task} task with {largest.images} image(s): {largest.images} x 4 image tokens")
+    assert f"= {largest.tokens}; " in message
+    assert f"raise data.max_length to at least {largest.tokens} (the sentences come on top) or lower " \
+           f"data.history to 1 (largest sample then: {at_history_1.describe()})" in message
+    fits = check_story_fit(_encoder(parts, largest.tokens), voken_ids, PROMPTS, list(shapes), history=2)
+    assert max(s.tokens for s in fits) == largest.tokens
+
+
+def test_the_caption_fit_check_counts_the_prompt_and_the_vokens(parts):
+    _, _, voken_ids, _ = parts
+    shape = check_caption_fit(_encoder(parts, 512), voken_ids, "Draw: {caption}")
+    assert (shape.images, shape.vokens) == (0, 8)
+    with pytest.raises(ValueError, match=f"data.max_length {shape.tokens - 1} cannot hold a stage-1 sample: caption "
+                                         f"task with 0 image\\(s\\): .* = {shape.tokens}; raise data.max_length to "
+                                         f"at least {shape.tokens}"):
+        check_caption_fit(_encoder(parts, shape.tokens - 1), voken_ids, "Draw: {caption}")
+
+
+def test_the_skip_report_counts_records_by_reason(small_world, parts):
+    sid, steps = next(iter(read_vist(*_vist(small_world)).items()))
+    samples = story_samples(sid, steps, PROMPTS, history=0)
+    longest = max(len(_encoder(parts, 512).encode_text(s.sample)["input_ids"]) for s in samples)
+    data = VokenDataset(samples, _encoder(parts, longest - 3), parts[2], LatentTargets(parts[3].vae, 32),
+                        skip_bad_records=True)
+    skipped = sum(data.skipped.values())
+    assert skipped >= 1 and len(data) + skipped == len(samples)
+    report = data.skip_report()
+    assert report.startswith(f"skipped {skipped} record(s): ")
+    assert all(f"{n} {reason}" in report for reason, n in data.skipped.items())

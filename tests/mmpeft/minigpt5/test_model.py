@@ -1,4 +1,4 @@
-"""MiniGPT-5's parts: voken positions and labels, the mapper, CFG dropout, Min-SNR, and
+"""MiniGPT-5's parts: voken positions and labels, the mapper, CFG dropout, and
 that a saved model loads back with the same outputs."""
 
 import pytest
@@ -17,7 +17,7 @@ from mmpeft.minigpt5.checkpoint import (
     save_minigpt5,
     training_scheduler,
 )
-from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, cfg_dropout, mapper_parts, min_snr_weights
+from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, cfg_dropout, mapper_parts
 from mmpeft.models.trainable import LoraSettings, apply_trainability
 from mmpeft.models.vokens import trainable_token_targets, voken_features, voken_starts
 from mmpeft.presets import resolve_preset
@@ -82,12 +82,6 @@ def test_cfg_dropout_drops_the_configured_fraction():
     out, dropped = cfg_dropout(states, 0.1)
     assert abs(dropped.float().mean().item() - 0.1) < 0.006  # binomial sd 0.0021
     assert torch.all(out[dropped] == 0) and torch.all(out[~dropped] == 1)
-
-
-def test_min_snr_caps_the_weight_of_low_noise_steps():
-    alphas = torch.tensor([0.99, 5 / 6, 0.5])  # SNR 99, 5, 1
-    w = min_snr_weights(alphas, torch.tensor([0, 1, 2]), 5.0)
-    assert torch.allclose(w, torch.tensor([5 / 99, 1.0, 1.0]))
 
 
 def _model(built, cfg_rate=0.1, lora=True):
