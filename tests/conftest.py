@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -29,3 +32,25 @@ def small_zoo(small_world, tmp_path_factory):
     """Zoo models trained for two steps: real files, real loading, no learning."""
     root = tmp_path_factory.mktemp("zoo") / "z"
     return root, build_zoo(root, small_world, SMALL_ZOO, workers=2)
+
+
+@pytest.fixture
+def two_ranks(tmp_path):
+    """Run `script` in two fresh interpreters, as a launcher starts ranks, with `sys.argv`
+    `[rank, folder, *extra(rank)]`; each writes `rank{r}.json` into the folder, and the two
+    parsed files come back. A hang fails the test instead of stalling the run."""
+
+    def run(script: str, extra=lambda rank: []) -> list:
+        ranks = [subprocess.Popen([sys.executable, "-c", script, str(r), str(tmp_path), *extra(r)],
+                                  stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        for proc in ranks:
+            try:
+                _, err = proc.communicate(timeout=180)
+            except subprocess.TimeoutExpired:
+                for other in ranks:
+                    other.kill()
+                pytest.fail("the two ranks did not finish in 180 s")
+            assert proc.returncode == 0, err
+        return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    return run

@@ -1,10 +1,7 @@
 """GILL's parts: the positions each head reads, the symmetric contrastive loss, its
 gathering across ranks, trainable rows, and the retrieval index on disk."""
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -90,24 +87,13 @@ torch.distributed.destroy_process_group()
 """
 
 
-def test_the_loss_on_two_ranks_uses_every_ranks_embeddings(tmp_path):
+def test_the_loss_on_two_ranks_uses_every_ranks_embeddings(tmp_path, two_ranks):
     torch.manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     image = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     whole = contrastive_loss(text, image, torch.zeros(1)).item()
     torch.save((text, image), tmp_path / "inputs.pt")
-    # two fresh interpreters, as a launcher starts ranks; a hang fails the test instead of stalling the run
-    ranks = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), str(tmp_path)], stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
-    for proc in ranks:
-        try:
-            _, err = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for p in ranks:
-                p.kill()
-            pytest.fail("the two ranks did not finish in 180 s")
-        assert proc.returncode == 0, err
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    results = two_ranks(_RANK)
     assert results[0][0] == pytest.approx(whole, abs=1e-6) and results[1][0] == pytest.approx(whole, abs=1e-6)
     assert results[0][1] > 0 and results[1][1] > 0  # each rank's own embeddings receive gradient
     halves = [contrastive_loss(text[k:k + 2], image[k:k + 2], torch.zeros(1)).item() for k in (0, 2)]

@@ -1,7 +1,5 @@
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -185,21 +183,10 @@ torch.distributed.destroy_process_group()
 """
 
 
-def test_tokens_and_logged_values_are_shared_by_every_rank(tmp_path):
+def test_tokens_and_logged_values_are_shared_by_every_rank(tmp_path, two_ranks):
     rows = {0: [[-100, 1, 2, 3], [-100, 1, 2, 3, 4, 5]],  # 3 + 5 tokens: alone, 8 / 2 = 4 per micro-batch
             1: [[-100, 1, -100], [-100, 1, 2, 3]]}  # 1 + 3 tokens: alone, 2
-    # two fresh interpreters, as a launcher starts ranks; a hang fails the test instead of stalling the run
-    ranks = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), str(tmp_path), json.dumps(rows[r])],
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    for proc in ranks:
-        try:
-            _, err = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for p in ranks:
-                p.kill()
-            pytest.fail("the two ranks did not finish in 180 s")
-        assert proc.returncode == 0, err
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    results = two_ranks(_RANK, lambda r: [json.dumps(rows[r])])
     # 12 tokens over 2 ranks x 2 micro-batches
     assert [r["tokens"] for r in results] == [3.0, 3.0]
     assert [r["logged"] for r in results] == [{"loss": 2.0, "other": 2.0}] * 2
