@@ -46,5 +46,22 @@ def export_llava(folder: str | Path, out: str | Path, lm: str | None = None, cli
     with torch.no_grad():
         native = native_llava(merged(model))
     native.save_pretrained(out)
+    # the processor and its tokenizer both write chat_template.jinja: give them the same one
+    processor.chat_template = processor.tokenizer.chat_template = inference_template(folder, settings,
+                                                                                      processor.tokenizer)
     processor.save_pretrained(out)
     return settings
+
+
+def inference_template(folder: str | Path, settings: dict, tokenizer) -> str:
+    """The chat template for the conversation format the run in `folder` trained with (its
+    settings' `config.data.conversation_format`), taking typed content as well as strings
+    (see `mmpeft.llava.chat_templates`)."""
+    from mmpeft.families import CONFIG_FILE
+    from mmpeft.llava.chat_templates import export_chat_template
+
+    conversation_format = settings.get("config", {}).get("data", {}).get("conversation_format")
+    if conversation_format is None:
+        raise ValueError(f"{Path(folder) / CONFIG_FILE} has no config.data.conversation_format: the export "
+                         "cannot tell which chat template the run was trained with")
+    return export_chat_template(conversation_format, tokenizer.chat_template)
