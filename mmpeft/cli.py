@@ -11,6 +11,10 @@
                       push a finished run or checkpoint to the Hub with a model card
     mmpeft export OUTPUT_DIR EXPORT_DIR
                       merge the LoRA into the base and write a standalone checkpoint
+    mmpeft standins [--full-size]
+                      build LLaVA-1.5-7B's stand-ins (Vicuna, CLIP, llava-hf folders cut in
+                      depth and width) into CACHE/standins/ (--full-size: real sizes, into
+                      CACHE/standins/full-size/) and print their folders
 
 The cache is `--cache`, else `$MMPEFT_CACHE`, else `~/.cache/mmpeft`.
 """
@@ -72,7 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("out")
     for part in ("lm", "clip"):
         sub.add_argument(f"--{part}", help=f"a local copy of the {part} base (default: the source the run recorded)")
+    sub = commands.add_parser("standins", help="build LLaVA-1.5-7B's small stand-in repositories, print the folders")
+    sub.add_argument("--cache", help="default $MMPEFT_CACHE or ~/.cache/mmpeft; folders go to CACHE/standins/")
+    sub.add_argument("--full-size", action="store_true", help="keep the real depth and width (about 30 GB)")
     args = parser.parse_args(argv)
+    if args.command == "standins":
+        from mmpeft.standins.build import build_standins, standin_root
+
+        root = standin_root(args.cache) / ("full-size" if args.full_size else "")  # neither build replaces the other
+        for name, folder in build_standins(root, args.full_size, args.cache).items():
+            print(f"{name}: {folder}")
+        return 0
     if args.command == "push":
         return _push(args)
     if args.command == "export":
