@@ -24,6 +24,28 @@ from pathlib import Path
 from mmpeft.families import CONFIG_FILE, family_of
 
 
+def merged(model):
+    """`model` with its LoRA merged into the base weights (as it is when it has none)."""
+    from peft import PeftModel
+
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+
+
+def export_merged_lm(folder: str | Path, out: str | Path, lm: str | None, heads_file: str) -> dict:
+    """The export of a family whose trained parts are an LM and heads beside it (GILL,
+    General-GPT): the merged LM as a plain causal-LM folder (new token rows merged), the
+    tokenizer and the run's `heads_file`; returns the run's settings."""
+    import shutil
+
+    from mmpeft.loading import load
+
+    loaded = load(folder, lm=lm)
+    merged(loaded.model.lm).save_pretrained(out)
+    loaded.processor.save_pretrained(out)
+    shutil.copy(Path(folder) / heads_file, Path(out) / heads_file)
+    return loaded.settings
+
+
 def export_run(folder: str | Path, out: str | Path, lm: str | None = None, clip: str | None = None) -> Path:
     """Write the standalone checkpoint of the run in `folder` (see above) to `out`, which
     must not exist yet; returns `out`."""

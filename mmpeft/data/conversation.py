@@ -205,15 +205,7 @@ class ConversationEncoder:
     def encode_text(self, sample: Sample) -> dict:
         """Token ids and labels, images expanded to their token runs."""
         self.check(sample)
-        if isinstance(self.template, SeparatorFormat):
-            ids, labels = self._encode_pieces(sample, add_generation_prompt=False)
-        else:
-            enc = self.tokenizer.apply_chat_template(
-                sample.messages, chat_template=self.template, tokenize=True, return_dict=True,
-                return_assistant_tokens_mask=True)
-            ids = enc["input_ids"]
-            labels = [tok if in_answer else -100 for tok, in_answer in zip(ids, enc["assistant_masks"], strict=True)]
-        ids, labels = self._expand_images(ids, labels)
+        ids, labels = self._expand_images(*self._tokenize(sample, add_generation_prompt=False, labels=True))
         if len(ids) > self.max_length:
             if self.image_token_id in ids[self.max_length:]:
                 raise BadRecord(sample.id, f"{len(ids)} tokens: cutting to max_length {self.max_length} would cut "
@@ -227,20 +219,27 @@ class ConversationEncoder:
     def encode_prompt(self, sample: Sample) -> list[int]:
         """Token ids of a conversation that ends with a user turn, followed by the
         format's cue for the assistant to answer (for generation)."""
-        if isinstance(self.template, SeparatorFormat):
-            ids, _ = self._encode_pieces(sample, add_generation_prompt=True)
-        else:
-            ids = self.tokenizer.apply_chat_template(sample.messages, chat_template=self.template, tokenize=True,
-                                                     add_generation_prompt=True, return_dict=True)["input_ids"]
+        ids, _ = self._tokenize(sample, add_generation_prompt=True, labels=False)
         return self._expand_images(ids, ids)[0]
 
     def token_ids(self, sample: Sample) -> list[int]:
         """The conversation's token ids as the format writes and tokenizes it, one image token
         per image, nothing checked, expanded or cut (for sizing samples)."""
+        return self._tokenize(sample, add_generation_prompt=False, labels=False)[0]
+
+    def _tokenize(self, sample: Sample, add_generation_prompt: bool, labels: bool) -> tuple[list[int], list | None]:
+        """The format's ids, one image token per image, and with `labels` their labels (the
+        answers' tokens, -100 elsewhere): a `SeparatorFormat` piece by piece, a Jinja
+        template through transformers, its generation blocks marking the answers."""
         if isinstance(self.template, SeparatorFormat):
-            return self._encode_pieces(sample, add_generation_prompt=False)[0]
-        return self.tokenizer.apply_chat_template(sample.messages, chat_template=self.template, tokenize=True,
-                                                  return_dict=True)["input_ids"]
+            return self._encode_pieces(sample, add_generation_prompt)
+        enc = self.tokenizer.apply_chat_template(sample.messages, chat_template=self.template, tokenize=True,
+                                                 add_generation_prompt=add_generation_prompt, return_dict=True,
+                                                 return_assistant_tokens_mask=labels)
+        if not labels:
+            return enc["input_ids"], None
+        return enc["input_ids"], [tok if in_answer else -100
+                                  for tok, in_answer in zip(enc["input_ids"], enc["assistant_masks"], strict=True)]
 
     def _expand_images(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         out_ids, out_labels = [], []

@@ -3,7 +3,8 @@ Perceiver Resampler and gated cross-attention layers."""
 
 from __future__ import annotations
 
-from mmpeft.families import CardMetric, Family, Loaded
+from mmpeft.families import Family, Loaded
+from mmpeft.llava import ANSWER_ACCURACY, answer_rows
 
 
 def _load(folder, lm=None, clip=None, diffusion=None, base_kwargs=None) -> Loaded:
@@ -16,12 +17,6 @@ def _load(folder, lm=None, clip=None, diffusion=None, base_kwargs=None) -> Loade
                   folder=folder)
 
 
-def _rows(name: str, m: dict) -> list:
-    return [(name, "training loss, first -> last step", m["last_loss"], f"first {m['first_loss']:.3f}"),
-            (name, "answer accuracy on held-out questions", m["answer_accuracy_after"],
-             f"before training {m['answer_accuracy_before']:.3f}, chance {m['chance']:.3f}")]
-
-
 FAMILY = Family(
     name="flamingo",
     recipes=("flamingo",),
@@ -31,7 +26,6 @@ FAMILY = Family(
     load=_load,
     no_export="a Flamingo run leaves the LM as it was, so there is nothing to merge; share the run folder "
               "itself (mmpeft push) and load it with mmpeft.load",
-    card_metrics={"flamingo": (CardMetric("answer_accuracy_after", "accuracy", "visual-question-answering",
-                                          "answer accuracy on held-out questions"),)},
-    figures={"flamingo": _rows},
+    card_metrics={"flamingo": (ANSWER_ACCURACY,)},  # scored as LLaVA is, on the same questions
+    figures={"flamingo": answer_rows},
 )

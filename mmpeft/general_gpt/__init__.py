@@ -15,17 +15,9 @@ def _load(folder, lm=None, clip=None, diffusion=None, base_kwargs=None) -> Loade
 
 def _export(folder, out, lm=None, clip=None) -> dict:
     """The merged LM as a plain causal-LM folder, the tokenizer and the heads' weights."""
-    import shutil
-    from pathlib import Path
+    from mmpeft.export import export_merged_lm
 
-    from mmpeft.llava.export import merged
-    from mmpeft.loading import load
-
-    loaded = load(folder, lm=lm)
-    merged(loaded.model.lm).save_pretrained(out)
-    loaded.processor.save_pretrained(out)
-    shutil.copy(Path(folder) / "general_gpt.safetensors", Path(out) / "general_gpt.safetensors")
-    return loaded.settings
+    return export_merged_lm(folder, out, lm, "general_gpt.safetensors")
 
 
 FAMILY = Family(

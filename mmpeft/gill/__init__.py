@@ -16,17 +16,9 @@ def _load(folder, lm=None, clip=None, diffusion=None, base_kwargs=None) -> Loade
 def _export(folder, out, lm=None, clip=None) -> dict:
     """The merged LM as a plain causal-LM folder (the `[IMG]` rows merged), the tokenizer
     and the heads' weights."""
-    import shutil
-    from pathlib import Path
+    from mmpeft.export import export_merged_lm
 
-    from mmpeft.llava.export import merged
-    from mmpeft.loading import load
-
-    loaded = load(folder, lm=lm)
-    merged(loaded.model.lm).save_pretrained(out)
-    loaded.processor.save_pretrained(out)
-    shutil.copy(Path(folder) / "gill_heads.safetensors", Path(out) / "gill_heads.safetensors")
-    return loaded.settings
+    return export_merged_lm(folder, out, lm, "gill_heads.safetensors")
 
 
 def _rows(name: str, m: dict) -> list:

@@ -7,12 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
-
-def merged(model):
-    """`model` with its LoRA merged into the base weights (as it is when it has none)."""
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+from mmpeft.export import merged
 
 
 def native_llava(model):

@@ -110,10 +110,16 @@ def load_base_models(preset, qlora: bool = False, dtype: torch.dtype = torch.flo
     from mmpeft.presets import load_clip, load_lm
 
     lm, tokenizer = load_lm(preset, log=log, dtype=dtype, quantization_config=nf4_config(dtype) if qlora else None)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     clip, processor = load_clip(preset, log=log, dtype=dtype)
     return lm, tokenizer, clip.vision_model, processor.image_processor
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token (Vicuna's) `<unk>` as one, as LLaVA's training
+    does, else its EOS token."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
 
 
 def unwrap(model) -> nn.Module:

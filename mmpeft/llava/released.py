@@ -35,7 +35,7 @@ def load_released_llava(source: str, qlora: bool = False, dtype: torch.dtype = t
     that mmpeft cannot train (another feature selection than LLaVA-1.5's) is an error."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    from mmpeft.llava.model import nf4_config
+    from mmpeft.llava.model import ensure_pad_token, nf4_config
     from mmpeft.models.quant import keep_cpu_4bit_working
     from mmpeft.presets import load_pretrained
 
@@ -61,8 +61,7 @@ def load_released_llava(source: str, qlora: bool = False, dtype: torch.dtype = t
         problems.append(f"vision_feature_layer is {config.vision_feature_layer!r}; mmpeft reads one layer")
     if problems:
         raise ValueError(f"LLaVA checkpoint {source}: " + "; ".join(problems))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     return keep_cpu_4bit_working(model), processor
 
 

@@ -43,15 +43,17 @@ def zoo_figures(records: dict) -> list[tuple[str, str, float, str]]:
 def print_table(title: str, rows) -> None:
     """A plain aligned table on stdout."""
     print(f"\n{title}")
+    print("\n".join(table_lines(rows)))
+
+
+def table_lines(rows: list[FigureRow]) -> list[str]:
+    """The rows of a figures table, aligned."""
     width, name = max(len(r[1]) for r in rows), max(len(r[0]) for r in rows)
+    lines = []
     for part, figure, value, reference in rows:
-        print(table_line(part, figure, value, reference, name, width))
-
-
-def table_line(part: str, figure: str, value: float | int, reference: str, name: int, width: int) -> str:
-    """One aligned row of a figures table."""
-    shown = f"{value:>8d}" if isinstance(value, int) else f"{value:>8.3f}"
-    return f"  {part:<{name}} {figure:<{width}}  {shown}   ({reference})"
+        shown = f"{value:>8d}" if isinstance(value, int) else f"{value:>8.3f}"
+        lines.append(f"  {part:<{name}} {figure:<{width}}  {shown}   ({reference})")
+    return lines
 
 
 def write_figures(out: Path, tables: dict[str, list[FigureRow]], seconds: float) -> tuple[Path, Path]:
@@ -68,8 +70,7 @@ def write_figures(out: Path, tables: dict[str, list[FigureRow]], seconds: float)
              f"Written by `mmpeft pipeline` in {seconds / 60:.1f} minutes on {machine['cpus']} CPUs "
              f"({machine['processor']}, {machine['platform']}, Python {machine['python']}).", ""]
     for title, rows in tables.items():
-        width, name = max(len(r[1]) for r in rows), max(len(r[0]) for r in rows)
-        lines += [f"{title}", "", "```", *[table_line(*r, name, width) for r in rows], "```", ""]
+        lines += [f"{title}", "", "```", *table_lines(rows), "```", ""]
     (out / "figures.md").write_text("\n".join(lines))
     return out / "figures.json", out / "figures.md"
 
