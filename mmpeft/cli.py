@@ -12,8 +12,10 @@
     mmpeft export OUTPUT_DIR EXPORT_DIR
                       merge the LoRA into the base and write a standalone checkpoint
     mmpeft standins [--full-size]
-                      build LLaVA-1.5-7B's stand-ins (Vicuna, CLIP, llava-hf folders cut in
-                      depth and width) into CACHE/standins/ (--full-size: real sizes, into
+                      build the stand-ins of the real models (Vicuna-7B v1.5, CLIP ViT-L/14 at
+                      336 and 224 px, llava-1.5-7b-hf, Stable Diffusion 2.1-base, 2.1 (v) and
+                      1.5: Hub layouts, real configs cut in depth and width, random weights,
+                      real tokenizers) into CACHE/standins/ (--full-size: real sizes, into
                       CACHE/standins/full-size/) and print their folders
 
 The cache is `--cache`, else `$MMPEFT_CACHE`, else `~/.cache/mmpeft`.
@@ -76,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("out")
     for part in ("lm", "clip"):
         sub.add_argument(f"--{part}", help=f"a local copy of the {part} base (default: the source the run recorded)")
-    sub = commands.add_parser("standins", help="build LLaVA-1.5-7B's small stand-in repositories, print the folders")
+    sub = commands.add_parser("standins", help="build small stand-ins of the real models' Hub repositories (LLaVA-1.5, "
+                              "CLIP ViT-L/14, Stable Diffusion 2.1 and 1.5), print the folders")
     sub.add_argument("--cache", help="default $MMPEFT_CACHE or ~/.cache/mmpeft; folders go to CACHE/standins/")
-    sub.add_argument("--full-size", action="store_true", help="keep the real depth and width (about 30 GB)")
+    sub.add_argument("--full-size", action="store_true", help="keep the real depth and width (about 50 GB)")
     args = parser.parse_args(argv)
     if args.command == "standins":
         from mmpeft.standins.build import build_standins, standin_root

@@ -1,13 +1,18 @@
-"""Stand-ins for LLaVA-1.5-7B's Hub repositories: local folders laid out as
-`lmsys/vicuna-7b-v1.5`, `openai/clip-vit-large-patch14-336` and `llava-hf/llava-1.5-7b-hf`,
-built from the real configs with only depth and width cut (random, seeded weights) and
-the real Llama-2 tokenizer, so the 7B recipes' configs run end to end on a CPU.
+"""Stand-ins for the Hub repositories of the models the 7B recipes load: local folders laid
+out as the real repositories, built from the real configs with only depth and width cut
+(random, seeded weights) and the real tokenizers, so the recipes' real configs run end to end
+on a CPU.
 
-    root/lmsys/vicuna-7b-v1.5/              LlamaForCausalLM, generation config, tokenizer
-    root/openai/clip-vit-large-patch14-336/ CLIPModel, CLIP's image processor, a stand-in
-                                            CLIP tokenizer (see its README.md)
-    root/llava-hf/llava-1.5-7b-hf/          LlavaForConditionalGeneration + LlavaProcessor
+    root/lmsys/vicuna-7b-v1.5/                      LlamaForCausalLM, generation config, Llama-2 tokenizer
+    root/openai/clip-vit-large-patch14-336/         CLIPModel at 336 px, CLIP's preprocessing and tokenizer
+    root/llava-hf/llava-1.5-7b-hf/                  LlavaForConditionalGeneration + LlavaProcessor
+    root/openai/clip-vit-large-patch14/             CLIPModel at 224 px (GILL's)
+    root/stabilityai/stable-diffusion-2-1-base/     StableDiffusionPipeline, 512 px, epsilon (MiniGPT-5's)
+    root/stabilityai/stable-diffusion-2-1/          StableDiffusionPipeline, 768 px, v-prediction
+    root/stable-diffusion-v1-5/stable-diffusion-v1-5/  StableDiffusionPipeline with safety checker (GILL's)
+    root/facebook/opt-6.7b/                         OPTForCausalLM, tied, sharded .bin weights (GILL's)
 
+`STANDINS` lists them in build order, each with the key `build_standins` answers it under.
 Each folder's `standin.json` lists every value that differs from the real repository.
 `root/complete.json`, written last, marks a finished build; a later call returns at once.
 """
@@ -17,16 +22,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mmpeft.standins.clip_vocab import write_clip_tokenizer
+from mmpeft.standins.clip import (
+    CLIP_224,
+    CLIP_336,
+    CLIP_VISION_CUT,
+    CLIP_VISION_REAL,
+    build_clip,
+    clip_image_processing,
+)
+from mmpeft.standins.diffusion import SD15, SD21_BASE, SD21_V, build_stable_diffusion
+from mmpeft.standins.opt import OPT, build_opt
+from mmpeft.standins.record import diff, edit_json, record, sizes
 from mmpeft.standins.tokenizers import llama2_tokenizer
 
-VICUNA, CLIP, LLAVA = "lmsys/vicuna-7b-v1.5", "openai/clip-vit-large-patch14-336", "llava-hf/llava-1.5-7b-hf"
+VICUNA, LLAVA = "lmsys/vicuna-7b-v1.5", "llava-hf/llava-1.5-7b-hf"
 MARKER = "complete.json"
-VERSION = 1  # raise when the folders' contents change, so that old caches are rebuilt
+VERSION = 3  # raise when the folders' contents change, so that old caches are rebuilt
 SEED = 0
 
 # Vicuna-7B v1.5's config.json (Llama-2-7B's architecture); CUT: the stand-in's depth and width
@@ -41,23 +58,6 @@ VICUNA_FIXED = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps
 # Vicuna v1.5's generation_config.json as published (sampling on, FastChat's defaults)
 VICUNA_GENERATION = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.9,
                          top_p=0.6, max_length=4096)
-
-# CLIP ViT-L/14-336's config.json: vision and text towers
-CLIP_VISION_REAL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
-CLIP_VISION_CUT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
-CLIP_VISION_FIXED = dict(image_size=336, patch_size=14, num_channels=3, hidden_act="quick_gelu",
-                         layer_norm_eps=1e-5, projection_dim=768)
-CLIP_TEXT_REAL = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-CLIP_TEXT_CUT = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
-CLIP_TEXT_FIXED = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                       projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
-CLIP_PROJECTION = {"real": 768, "cut": 32}
-CLIP_LOGIT_SCALE_INIT = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
-# CLIP's own preprocessing (preprocessor_config.json of every openai/clip-vit-* repo, at 336)
-CLIP_IMAGE = dict(do_resize=True, size={"shortest_edge": 336}, resample=3, do_center_crop=True,
-                  crop_size={"height": 336, "width": 336}, do_rescale=True, rescale_factor=1 / 255,
-                  do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
-                  image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True)
 
 # llava-hf/llava-1.5-7b-hf: `<image>` 32000 and `<pad>` 32001 added to Llama-2's tokenizer,
 # the embeddings padded to a multiple of 64
@@ -78,6 +78,36 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
+@dataclass(frozen=True)
+class Standin:
+    """One stand-in repository: the key `build_standins` answers it under, the Hub id it
+    stands in for (its folder under the root), the keys of earlier stand-ins whose built
+    models it takes apart, and `build(folder, full_size, vocab_cache, *those models)`, which
+    writes the folder and returns the model a later stand-in takes (or None)."""
+
+    key: str
+    repo: str
+    build: Callable
+    takes: tuple[str, ...] = ()
+
+
+STANDINS = (
+    Standin("lm", VICUNA, lambda folder, full_size, cache: build_vicuna(folder, full_size, cache)),
+    Standin("clip", CLIP_336.repo, lambda folder, full_size, cache: build_clip(folder, full_size, cache, CLIP_336)),
+    Standin("llava", LLAVA, lambda folder, full_size, cache, lm, clip: build_llava_hf(folder, lm, clip, full_size),
+            takes=("lm", "clip")),
+    Standin("clip224", CLIP_224.repo, lambda folder, full_size, cache: build_clip(folder, full_size, cache, CLIP_224)),
+    Standin("sd21_base", SD21_BASE.repo,
+            lambda folder, full_size, cache: build_stable_diffusion(folder, SD21_BASE, full_size, cache)),
+    Standin("sd21_v", SD21_V.repo,
+            lambda folder, full_size, cache: build_stable_diffusion(folder, SD21_V, full_size, cache)),
+    Standin("sd15", SD15.repo,
+            lambda folder, full_size, cache, clip: build_stable_diffusion(folder, SD15, full_size, cache, clip),
+            takes=("clip224",)),
+    Standin("opt", OPT, lambda folder, full_size, cache: build_opt(folder, full_size, cache)),
+)
+
+
 def standin_root(cache: str | Path | None = None) -> Path:
     """`<cache>/standins/`, the cache as `mmpeft.tiny.cache_root` finds it."""
     from mmpeft.tiny import cache_root
@@ -85,16 +115,21 @@ def standin_root(cache: str | Path | None = None) -> Path:
     return cache_root(str(cache) if cache else None, os.environ) / "standins"
 
 
-def build_standins(root: str | Path, full_size: bool = False, vocab_cache: str | Path | None = None
-                   ) -> dict[str, Path]:
-    """Write (or find) the three stand-in repositories under `root`; returns
-    `{"lm": ..., "clip": ..., "llava": ...}`, each `root/<Hub id>`. Depth and width are cut
-    unless `full_size` (real sizes: about 14 GB each for Vicuna and LLaVA, for GPU
-    rehearsals); a finished build for the same `full_size` is reused as it is. The Llama-2
-    vocabulary comes from `llama2_tokenizer(vocab_cache)`."""
+def build_standins(root: str | Path, full_size: bool = False, vocab_cache: str | Path | None = None,
+                   standins: tuple[Standin, ...] = STANDINS) -> dict[str, Path]:
+    """Write (or find) the stand-in repositories of `standins` under `root`, in order;
+    returns `{key: root/<Hub id>}` (keys "lm", "clip", "llava", "clip224", "sd21_base",
+    "sd21_v", "sd15"). Depth and width are cut unless `full_size` (real sizes: about 14 GB
+    each for Vicuna and LLaVA, about 5 GB for each Stable Diffusion, for GPU rehearsals); a
+    finished build of the same stand-ins and `full_size` is reused as it is. The Llama-2
+    vocabulary and CLIP's merges come from the cache `vocab_cache` (see `tokenizers`,
+    `clip_vocab`)."""
     root = Path(root)
-    folders = {"lm": root / VICUNA, "clip": root / CLIP, "llava": root / LLAVA}
-    expected = {"version": VERSION, "full_size": full_size, "seed": SEED}
+    problems = _check_table(standins)
+    if problems:
+        raise ValueError("stand-in table: " + "; ".join(problems))
+    folders = {s.key: root / s.repo for s in standins}
+    expected = {"version": VERSION, "full_size": full_size, "seed": SEED, "standins": list(folders)}
     try:
         if json.loads((root / MARKER).read_text()) == expected:
             return folders
@@ -103,25 +138,27 @@ def build_standins(root: str | Path, full_size: bool = False, vocab_cache: str |
     for folder in folders.values():  # an unfinished or other-sized build is rebuilt from scratch
         shutil.rmtree(folder, ignore_errors=True)
     (root / MARKER).unlink(missing_ok=True)
-    lm = build_vicuna(folders["lm"], full_size, vocab_cache)
-    clip = build_clip(folders["clip"], full_size)
-    build_llava_hf(folders["llava"], lm, clip, full_size)
+    built = {}
+    for k, standin in enumerate(standins):
+        built[standin.key] = standin.build(folders[standin.key], full_size, vocab_cache,
+                                           *(built[t] for t in standin.takes))
+        later = {t for s in standins[k + 1:] for t in s.takes}
+        built = {key: model for key, model in built.items() if key in later}  # at full size, free memory early
     (root / MARKER).write_text(json.dumps(expected) + "\n")
     return folders
 
 
-def _sizes(real: dict, cut: dict, full_size: bool) -> dict:
-    return real if full_size else cut
-
-
-def _record(folder: Path, source: str, cut: dict, full_size: bool, notes: list[str]) -> None:
-    (folder / "standin.json").write_text(json.dumps(
-        {"stands_in_for": source, "full_size": full_size, "seed": SEED, "weights": "random",
-         "cut": {} if full_size else cut, "notes": notes}, indent=1) + "\n")
-
-
-def _diff(real: dict, cut: dict) -> dict:
-    return {k: {"real": real[k], "standin": cut[k]} for k in real if real[k] != cut[k]}
+def _check_table(standins: tuple[Standin, ...]) -> list[str]:
+    problems, seen, repos = [], set(), set()
+    for s in standins:
+        if s.key in seen:
+            problems.append(f"key {s.key!r} appears twice")
+        if s.repo in repos:
+            problems.append(f"{s.repo} appears twice")
+        problems += [f"{s.key!r} takes {t!r}, which is not built before it" for t in s.takes if t not in seen]
+        seen.add(s.key)
+        repos.add(s.repo)
+    return problems
 
 
 def build_vicuna(folder: Path, full_size: bool = False, vocab_cache: str | Path | None = None):
@@ -131,7 +168,7 @@ def build_vicuna(folder: Path, full_size: bool = False, vocab_cache: str | Path 
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
     torch.manual_seed(SEED)
-    config = LlamaConfig(**_sizes(VICUNA_REAL, VICUNA_CUT, full_size), **VICUNA_FIXED)
+    config = LlamaConfig(**sizes(VICUNA_REAL, VICUNA_CUT, full_size), **VICUNA_FIXED)
     config.architectures = ["LlamaForCausalLM"]
     lm = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()  # no float32 copy at full size
     lm.save_pretrained(folder)
@@ -139,39 +176,13 @@ def build_vicuna(folder: Path, full_size: bool = False, vocab_cache: str | Path 
     tokenizer = llama2_tokenizer(vocab_cache)
     tokenizer.pad_token = None  # Vicuna v1.5 names none; LLaVA's train.py sets <unk>
     tokenizer.save_pretrained(folder)
-    _edit_json(folder / "tokenizer_config.json", tokenizer_class="LlamaTokenizer", add_bos_token=True,
-               add_eos_token=False, legacy=False, clean_up_tokenization_spaces=False, model_max_length=4096,
-               padding_side="right", pad_token=None)
-    _record(folder, VICUNA, _diff(VICUNA_REAL, VICUNA_CUT), full_size, [
+    edit_json(folder / "tokenizer_config.json", tokenizer_class="LlamaTokenizer", add_bos_token=True,
+              add_eos_token=False, legacy=False, clean_up_tokenization_spaces=False, model_max_length=4096,
+              padding_side="right", pad_token=None)
+    record(folder, VICUNA, diff(VICUNA_REAL, VICUNA_CUT), full_size, SEED, [
         "tokenizer: the real Llama-2 SentencePiece vocabulary as tokenizer.json (no tokenizer.model)",
         "generation_config.json: Vicuna v1.5's published values"])
     return lm
-
-
-def build_clip(folder: Path, full_size: bool = False):
-    """`openai/clip-vit-large-patch14-336`'s layout: `CLIPModel` (float32, as published),
-    CLIP's image preprocessing and a stand-in CLIP tokenizer. Returns the model, which the
-    LLaVA build then takes apart."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(SEED)
-    projection = CLIP_PROJECTION["real" if full_size else "cut"]
-    vision = {**_sizes(CLIP_VISION_REAL, CLIP_VISION_CUT, full_size), **CLIP_VISION_FIXED, "projection_dim": projection}
-    text = {**_sizes(CLIP_TEXT_REAL, CLIP_TEXT_CUT, full_size), **CLIP_TEXT_FIXED, "projection_dim": projection}
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection,
-                        logit_scale_init_value=CLIP_LOGIT_SCALE_INIT)
-    config.architectures = ["CLIPModel"]
-    clip = CLIPModel(config).eval()
-    clip.save_pretrained(folder)
-    CLIPImageProcessor(**CLIP_IMAGE).save_pretrained(folder)
-    write_clip_tokenizer(folder)
-    cut = {"vision_config": _diff(CLIP_VISION_REAL, CLIP_VISION_CUT),
-           "text_config": _diff(CLIP_TEXT_REAL, CLIP_TEXT_CUT),
-           "projection_dim": {"real": CLIP_PROJECTION["real"], "standin": CLIP_PROJECTION["cut"]}}
-    _record(folder, CLIP, cut, full_size, [
-        "tokenizer: a STAND-IN CLIP tokenizer (small generated BPE vocabulary with CLIP's special tokens, "
-        "max length 77), not CLIP's 49,408-token BPE; see README.md"])
-    return clip
 
 
 def build_llava_hf(folder: Path, lm, clip, full_size: bool = False) -> None:
@@ -216,23 +227,17 @@ def build_llava_hf(folder: Path, lm, clip, full_size: bool = False) -> None:
     if meta:
         raise RuntimeError(f"LLaVA stand-in: parts left on the meta device: {meta}")
     llava.to(torch.float16).save_pretrained(folder)
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(**CLIP_IMAGE), tokenizer=tokenizer, patch_size=14,
+    image_processor = CLIPImageProcessor(**clip_image_processing(CLIP_336.image_size))
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                vision_feature_select_strategy="default", image_token=LLAVA_IMAGE_TOKEN,
                                num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
     processor.save_pretrained(folder)
-    _edit_json(folder / "tokenizer_config.json", model_max_length=4096, padding_side="left")
-    cut = {"text_config": _diff(VICUNA_REAL, VICUNA_CUT), "vision_config": _diff(CLIP_VISION_REAL, CLIP_VISION_CUT),
+    edit_json(folder / "tokenizer_config.json", model_max_length=4096, padding_side="left")
+    cut = {"text_config": diff(VICUNA_REAL, VICUNA_CUT), "vision_config": diff(CLIP_VISION_REAL, CLIP_VISION_CUT),
            "multi_modal_projector": {"real": "1024 -> 4096 -> 4096",
                                      "standin": f"{vision.hidden_size} -> {lm.config.hidden_size} -> "
                                                 f"{lm.config.hidden_size}"}}
-    _record(folder, LLAVA, cut, full_size, [
+    record(folder, LLAVA, cut, full_size, SEED, [
         "weights: the Vicuna and CLIP stand-ins' (vision tower in full, all its layers) and a random projector; "
         "rows 32000-32063 of the embeddings and head at the mean of the first 32000",
         "chat_template: LLaVA-1.5's conv_vicuna_v1 written for this stand-in, not copied from llava-hf"])
-
-
-def _edit_json(path: Path, **values) -> None:
-    data = json.loads(path.read_text())
-    for key in ("backend", "is_local", "local_files_only"):  # written by this transformers, not in the Hub's files
-        data.pop(key, None)
-    path.write_text(json.dumps({**data, **values}, indent=2, sort_keys=True) + "\n")

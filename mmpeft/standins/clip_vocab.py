@@ -1,36 +1,48 @@
-"""A stand-in CLIP tokenizer: CLIP's byte-level BPE format, special tokens and ids, and
-length limit, over a small vocabulary generated here (CLIP's own 49,408-token BPE is not
-available offline). It encodes any text, but not into CLIP's real ids past the bytes."""
+"""CLIP's own byte-level BPE tokenizer, without a Hub download.
+
+CLIP ships its merges as `bpe_simple_vocab_16e6.txt.gz` (openai/CLIP); the `open_clip_torch`
+wheel on PyPI carries the same file, byte for byte. `clip_bpe_file` fetches that wheel once
+with pip and keeps only the merges file, checked against its SHA-256, in
+`<cache>/standins/clip-bpe/`. `clip_vocabulary` derives CLIP's 49,408-token vocabulary from
+it as CLIP's own tokenizer does, and `write_clip_tokenizer` writes the `vocab.json` and
+`merges.txt` that transformers' `CLIPTokenizer` reads, laid out as a CLIP repository or a
+Stable Diffusion `tokenizer/` folder has them.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import gzip
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
+from mmpeft.tiny import cache_root
+
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"  # openai/CLIP clip/<BPE_FILE>
+WHEEL_MEMBER = f"open_clip/{BPE_FILE}"
+PINNED_VERSION = "3.3.0"  # open_clip_torch
+# CLIP's tokenizer keeps the first 49,152 - 256 - 2 merges, so that the 256 byte symbols, the
+# same with the end-of-word mark, the merges and the two special tokens make 49,408 tokens
+N_MERGES = 49152 - 256 - 2
+VOCAB_SIZE = 49408
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-BOS_ID, EOS_ID = 49406, 49407  # CLIP's ids: the last two of its 49,408
-# whole words given a token of their own (CLIP's vocabulary has each of them as "word</w>")
-WORDS = ("a an the of and in on with to is are photo picture image this that there red green blue yellow "
-         "white black circle square triangle cat dog man woman left right above below").split()
-
-README = f"""# Stand-in for openai/clip-vit-large-patch14-336
-
-Built by `mmpeft.standins.build` (see `standin.json` for every size that differs from the
-real repository). The weights are random; the configuration is CLIP ViT-L/14-336's with only
-depth and width cut (image size 336 and patch size 14 kept: 576 patch tokens and a class token).
-`preprocessor_config.json` is CLIP's real preprocessing.
-
-**The tokenizer is a stand-in.** CLIP's own BPE vocabulary (49,408 tokens) is not available
-offline, so `vocab.json` and `merges.txt` hold a small generated vocabulary in the same
-format: the 256 byte symbols, each also with the end-of-word mark `</w>`, whole-word tokens for
-{len(WORDS)} common words, and CLIP's special tokens at CLIP's ids ({BOS} {BOS_ID}, {EOS} {EOS_ID},
-padding with {EOS}); texts are cut at 77 tokens. Text ids from it are not CLIP's; do not compare
-text features with the real model's.
-"""
+BOS_ID, EOS_ID = 49406, 49407
+MAX_LENGTH = 77
+# ids CLIP's tokenizer gives (openai/CLIP and every port of it agree): checked after each write
+KNOWN_IDS = {"a photo of a cat": [BOS_ID, 320, 1125, 539, 320, 2368, EOS_ID],
+             "a photo of a dog": [BOS_ID, 320, 1125, 539, 320, 1929, EOS_ID]}
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's (and CLIP's) reversible map from bytes to printable characters."""
+    """GPT-2's (and CLIP's) reversible map from bytes to printable characters, in CLIP's
+    order: the printable bytes first, as themselves, then the others as 256, 257, ..."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     chars, extra = printable[:], 0
@@ -42,35 +54,112 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars), strict=True))
 
 
-def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """`(vocab, merges)`: byte symbols, byte symbols with `</w>`, then each word of `WORDS`
-    built by merging left to right (as CLIP's `vocab.json` orders bytes, then merges), and
-    the two special tokens at CLIP's ids."""
+def clip_bpe_file(cache: str | Path | None = None, python: str = sys.executable) -> Path:
+    """`<cache>/standins/clip-bpe/bpe_simple_vocab_16e6.txt.gz`, fetched on first use (see
+    `fetch_clip_bpe`) and checked against CLIP's SHA-256 on every call. `cache` defaults to
+    `$MMPEFT_CACHE`, else `~/.cache/mmpeft`."""
+    folder = cache_root(str(cache) if cache else None, os.environ) / "standins" / "clip-bpe"
+    path = folder / BPE_FILE
+    if _intact(path):
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the file
+        if not _intact(path):
+            fetch_clip_bpe(folder, python=python)
+    return path
+
+
+def fetch_clip_bpe(folder: Path, version: str = PINNED_VERSION, python: str = sys.executable) -> None:
+    """Extract CLIP's merges file from an open_clip_torch wheel into `folder`. A wheel already
+    in `folder` (copied there by hand) is used as it is; otherwise `python -m pip download`
+    fetches one (about 1.5 MB) into a temporary folder."""
+    placed = sorted(Path(folder).glob("open_clip_torch-*.whl"))
+    if placed:
+        _extract(placed[-1], folder)
+        return
+    command = [python, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               f"open_clip_torch=={version}", "-d"]
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([*command, tmp], capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("open_clip_torch-*.whl"))
+        if done.returncode != 0 or not wheels:
+            shown = " ".join(command[1:] if python == sys.executable else command)
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+            raise RuntimeError(
+                f"cannot fetch CLIP's BPE merges: `{shown} DIR` failed (exit {done.returncode})"
+                f"{': ' + tail if tail else ''}\nOn a machine that reaches PyPI run "
+                f"`python -m pip download --no-deps --only-binary :all: open_clip_torch=={version} -d DIR` "
+                f"and copy DIR/open_clip_torch-{version}-py3-none-any.whl into {folder}; it is read from there "
+                "without a download.")
+        _extract(wheels[0], folder)
+
+
+def _extract(wheel: Path, folder: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        try:
+            data = archive.read(WHEEL_MEMBER)
+        except KeyError:
+            raise RuntimeError(f"{wheel} has no {WHEEL_MEMBER}; use open_clip_torch=={PINNED_VERSION}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != BPE_SHA256:
+        raise RuntimeError(f"{wheel}: {WHEEL_MEMBER} has SHA-256 {digest}, CLIP's merges file has {BPE_SHA256}")
+    tmp = Path(folder) / f".{BPE_FILE}.{os.getpid()}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, Path(folder) / BPE_FILE)
+
+
+def _intact(path: Path) -> bool:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == BPE_SHA256
+    except OSError:
+        return False
+
+
+def clip_vocabulary(bpe_file: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """`(vocab, merges)` as CLIP's tokenizer builds them from its merges file: the file's
+    first line names it and is skipped, the next `N_MERGES` lines are the merges; the
+    vocabulary is the 256 byte symbols, the same with `</w>`, each merge's result in order,
+    then `<|startoftext|>` (49406) and `<|endoftext|>` (49407)."""
+    lines = gzip.decompress(Path(bpe_file).read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:1 + N_MERGES]]
     symbols = list(bytes_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    merges = []
-    for word in WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            if pair not in merges:
-                merges.append(pair)
-                vocab.setdefault(pair[0] + pair[1], len(vocab))
-            parts = [pair[0] + pair[1], *parts[2:]]
-    vocab[BOS], vocab[EOS] = BOS_ID, EOS_ID
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(merges) != N_MERGES or len(vocab) != VOCAB_SIZE or (vocab[BOS], vocab[EOS]) != (BOS_ID, EOS_ID):
+        raise ValueError(f"{bpe_file}: {len(merges)} merges and {len(vocab)} distinct tokens; CLIP has {N_MERGES} "
+                         f"and {VOCAB_SIZE}, with {BOS} {BOS_ID} and {EOS} {EOS_ID}")
     return vocab, merges
 
 
-def write_clip_tokenizer(folder: Path) -> None:
-    """Write the stand-in's `vocab.json`, `merges.txt`, `tokenizer_config.json`,
-    `special_tokens_map.json` and `README.md` into `folder`."""
-    from transformers import CLIPTokenizer
+def write_clip_tokenizer(folder: Path, cache: str | Path | None = None, pad_token: str = EOS,
+                         tokenizer_json: bool = True):
+    """Write CLIP's tokenizer into `folder` and return it as read back from there:
+    `vocab.json`, `merges.txt`, `tokenizer_config.json` and `special_tokens_map.json` (the
+    pad token set there, as the Hub's files set it: `<|endoftext|>` in CLIP's and SD 1.5's,
+    `!` (id 0) in SD 2.x's), plus `tokenizer.json` when `tokenizer_json` (CLIP's
+    repositories have one, Stable Diffusion's `tokenizer/` folders do not)."""
+    from transformers import AutoTokenizer, CLIPTokenizer
 
-    vocab, merges = clip_vocabulary()
+    vocab, merges = clip_vocabulary(clip_bpe_file(cache))
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
-                              model_max_length=77)
-    tokenizer.save_pretrained(folder)
-    (folder / "README.md").write_text(README)
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS}
+    config = {**specials, "pad_token": EOS, "add_prefix_space": False, "do_lower_case": True, "errors": "replace",
+              "model_max_length": MAX_LENGTH, "tokenizer_class": "CLIPTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({**specials, "pad_token": pad_token}, indent=2, sort_keys=True) + "\n")
+    if tokenizer_json:
+        built = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=MAX_LENGTH)
+        built.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    wrong = [f"{text!r} encodes as {tokenizer(text)['input_ids']}, CLIP's ids are {ids}"
+             for text, ids in KNOWN_IDS.items() if tokenizer(text)["input_ids"] != ids]
+    if (len(tokenizer), tokenizer.pad_token, tokenizer.model_max_length) != (VOCAB_SIZE, pad_token, MAX_LENGTH):
+        wrong.append(f"length/pad/max length are {len(tokenizer)}/{tokenizer.pad_token}/{tokenizer.model_max_length}")
+    if wrong:
+        raise ValueError(f"CLIP tokenizer at {folder}: {'; '.join(wrong)}")
+    return tokenizer

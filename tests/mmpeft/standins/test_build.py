@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from mmpeft.cli import main
-from mmpeft.standins.build import build_standins
+from mmpeft.standins.build import Standin, build_standins
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -91,8 +91,8 @@ def test_clip_standin_gives_577_tokens_for_a_336_image_with_clips_preprocessing(
     with torch.no_grad():
         assert clip.vision_model(pixel_values=pixels).last_hidden_state.shape == (1, 577, 64)
     ids = processor.tokenizer(["a photo of a cat", "word " * 100], padding=True, truncation=True).input_ids
-    assert ids[0][0] == 49406 and ids[0][-1] == 49407 and len(ids[1]) == 77
-    assert "stand-in" in (folders["clip"] / "README.md").read_text()
+    assert ids[0] == [49406, 320, 1125, 539, 320, 2368] + [49407] * 71 and len(ids[1]) == 77  # CLIP's real ids
+    assert "CLIP's real one" in (folders["clip"] / "README.md").read_text()
 
 
 def test_llava_hf_standin_has_llava_15s_structure_and_its_parts(folders):
@@ -130,10 +130,46 @@ def test_llava_hf_standin_has_llava_15s_structure_and_its_parts(folders):
 
 
 def test_second_build_reuses_the_folders_and_the_cli_prints_them(folders, cache, capsys):
-    stamps = {f: (f / "model.safetensors").stat().st_mtime_ns for f in folders.values()}
+    assert list(folders) == ["lm", "clip", "llava", "clip224", "sd21_base", "sd21_v", "sd15", "opt"]
+    assert {k: str(v.relative_to(cache / "standins")) for k, v in folders.items()} == {
+        "lm": "lmsys/vicuna-7b-v1.5", "clip": "openai/clip-vit-large-patch14-336",
+        "llava": "llava-hf/llava-1.5-7b-hf", "clip224": "openai/clip-vit-large-patch14",
+        "sd21_base": "stabilityai/stable-diffusion-2-1-base", "sd21_v": "stabilityai/stable-diffusion-2-1",
+        "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "opt": "facebook/opt-6.7b"}
+    stamps = {f: (f / "standin.json").stat().st_mtime_ns for f in folders.values()}
     start = time.time()
     assert build_standins(cache / "standins") == folders
     assert main(["standins", "--cache", str(cache)]) == 0
     assert time.time() - start < 2
-    assert {f: (f / "model.safetensors").stat().st_mtime_ns for f in folders.values()} == stamps
+    assert {f: (f / "standin.json").stat().st_mtime_ns for f in folders.values()} == stamps
     assert capsys.readouterr().out.splitlines() == [f"{k}: {v}" for k, v in folders.items()]
+
+
+def test_a_table_whose_stand_in_takes_a_later_one_is_refused_before_building(tmp_path):
+    table = (Standin("sd15", "a/b", lambda folder, full_size, cache, clip: None, takes=("clip224",)),
+             Standin("clip224", "c/d", lambda folder, full_size, cache: None),
+             Standin("clip224", "c/d", lambda folder, full_size, cache: None))
+    with pytest.raises(ValueError) as err:
+        build_standins(tmp_path, standins=table)
+    assert str(err.value) == ("stand-in table: 'sd15' takes 'clip224', which is not built before it; "
+                              "key 'clip224' appears twice; c/d appears twice")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_each_stand_in_gets_the_models_it_takes_from_earlier_ones(tmp_path):
+    seen = []
+
+    def make(name):
+        def build(folder, full_size, cache, *taken):
+            seen.append((name, full_size, cache, taken))
+            folder.mkdir(parents=True)
+            return f"{name}-model"
+        return build
+
+    table = (Standin("a", "x/a", make("a")), Standin("b", "x/b", make("b")),
+             Standin("c", "x/c", make("c"), takes=("a",)), Standin("d", "x/d", make("d"), takes=("b", "a")))
+    folders = build_standins(tmp_path, vocab_cache="V", standins=table)
+    assert folders == {k: tmp_path / "x" / k for k in "abcd"}
+    assert seen == [("a", False, "V", ()), ("b", False, "V", ()), ("c", False, "V", ("a-model",)),
+                    ("d", False, "V", ("b-model", "a-model"))]
+    assert json.loads((tmp_path / "complete.json").read_text())["standins"] == ["a", "b", "c", "d"]
