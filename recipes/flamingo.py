@@ -7,7 +7,7 @@ gated cross-attention layers inserted before its decoder layers; only those two 
     deepspeed recipes/flamingo.py --push_to_hub --hub_model_id you/flamingo  # push when the run ends
 
 Trains: the resampler and the gated cross-attention layers (gates start at 0, so the
-model starts as the frozen LM). Frozen: vision tower, LM. Each `<image>` stays one token;
+model starts as the frozen LM). Frozen, and in eval mode: vision tower, LM. Each `<image>` stays one token;
 text after it reads that image's visual tokens. Same data, chat template and held-out
 questions as LLaVA stage 2 (`recipes/llava_finetune.py`), so its accuracy compares with
 LLaVA's. Writes to `training.output_dir`: `flamingo.safetensors`, the tokenizer and image
@@ -92,7 +92,7 @@ def main(argv=None):
                     forward=lambda engine, batch: {"loss": engine(**{k: v for k, v in batch.items()
                                                                      if k != "id"}).loss},
                     export=export, lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume,
-                    log=log)
+                    log=log, frozen=[model.vision_tower, model.lm])
 
     ##### evaluation after training
     if rank == 0:

@@ -12,9 +12,9 @@ neighbour), plus the LM loss.
 Vectors come from any encoder as an embedding set (`mmpeft/data/embeddings.py`: a
 `vectors.safetensors` and a `texts.jsonl` of `{"text", "row"}`). With no set given, the
 recipe writes one from caption pairs with the preset's CLIP (normalised image embeddings).
-Trains: the two linear maps, the new tokens' rows, and LoRA on the LM when asked. Writes to
-`training.output_dir`: `general_gpt.safetensors`, `lm_adapter/`, the tokenizer,
-`mmpeft_config.json`, `checkpoint-{step}/`, `metrics.json`.
+Trains: the two linear maps, the new tokens' rows, and LoRA on the LM when asked; a frozen LM
+runs in eval mode. Writes to `training.output_dir`: `general_gpt.safetensors`, `lm_adapter/`,
+the tokenizer, `mmpeft_config.json`, `checkpoint-{step}/`, `metrics.json`.
 """
 
 import json
@@ -39,7 +39,7 @@ from mmpeft.general_gpt.model import (
 )
 from mmpeft.hub import push
 from mmpeft.llava.model import load_base_models
-from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
+from mmpeft.models.trainable import LoraSettings, apply_trainability, frozen_modules, trainable_parameter_count
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_clip, resolve_preset
 from mmpeft.start import launch_record, start_recipe
@@ -81,8 +81,8 @@ def main(argv=None):
     ids = add_general_gpt_tokens(tokenizer, lm)
     torch.manual_seed(t["seed"])
     rows = {name: list(ids.values()) for name in trainable_token_targets(lm).values()}
-    lm = apply_trainability(lm, {"llm": lm.base_model}, {"llm": m["trainable"]["llm"]}, LoraSettings(**m["lora"]),
-                            token_rows=rows)
+    parts, choice = {"llm": lm.base_model}, {"llm": m["trainable"]["llm"]}
+    lm = apply_trainability(lm, parts, choice, LoraSettings(**m["lora"]), token_rows=rows)
     model = GeneralGPT(lm, ids, vectors.shape[1], m["mse_weight"])
     model.embed_in.to(dtype)
     model.embed_out.to(dtype)
@@ -103,7 +103,8 @@ def main(argv=None):
 
     history = train(model, dataset, collate_embedding_texts(tokenizer.pad_token_id), TrainConfig(**t),
                     forward=lambda engine, batch: engine(**batch), export=export, lengths=dataset.lengths,
-                    has_image=[True] * len(dataset), resume=args.resume, log=log)
+                    has_image=[True] * len(dataset), resume=args.resume, log=log,
+                    frozen=frozen_modules(parts, choice))  # a frozen LM (new rows aside) runs in eval mode
 
     ##### evaluation: held-out vectors and texts, the model as saved
     if rank == 0:

@@ -10,9 +10,11 @@ on the LLM plus the fully trained connector, on multi-turn instruction conversat
     deepspeed recipes/llava_finetune.py --push_to_hub --hub_model_id you/llava-finetune  # push when the run ends
 
 Trains: LoRA on every linear layer of the LLM (not its head), the connector (its own
-learning rate). Frozen: vision tower, LLM weights. Starts from the preset's LM and CLIP
-with the stage-1 connector in `model.init_connector` (an mmpeft stage-1 folder, or LLaVA's
-released `mm_projector.bin`); without one it says so and starts the connector from scratch.
+learning rate). Frozen: vision tower, LLM weights; frozen parts run in eval mode. Starts
+from the preset's LM and CLIP with the stage-1 connector in `model.init_connector` (an
+mmpeft stage-1 folder, or LLaVA's released `mm_projector.bin`); without one it says so and
+starts the connector from scratch, or, when the connector is frozen, stops at start-up
+(`model.allow_random_frozen` lists a part to keep random and frozen all the same).
 With `model.init_from` (a released LLaVA in transformers' layout, such as
 llava-hf/llava-1.5-7b-hf) every part, the tokenizer and image processor come from that
 checkpoint instead, and the run records it as its base.
@@ -45,7 +47,14 @@ from mmpeft.llava.model import (
     load_base_models,
 )
 from mmpeft.llava.released import load_connector, load_released_llava
-from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
+from mmpeft.models.trainable import (
+    LoraSettings,
+    PartOrigin,
+    apply_trainability,
+    check_frozen_parts_loaded,
+    frozen_modules,
+    trainable_parameter_count,
+)
 from mmpeft.presets import resolve_preset
 from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train
@@ -56,6 +65,14 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava_finetune_tiny.yaml"
 def main(argv=None):
     args, cfg, zoo, rank, log = start_recipe(__doc__, DEFAULT_CONFIG, argv, os.environ)
     m, d, t = cfg["model"], cfg["data"], cfg["training"]
+
+    ##### start-up check, before any model loads: a frozen connector must come from stage 1
+    check_frozen_parts_loaded([PartOrigin("connector", "model.trainable.connector",
+                                          m["trainable"].get("connector", "frozen") == "frozen",
+                                          m.get("init_connector") or m.get("init_from"),
+                                          "give model.init_connector=<a LLaVA stage-1 output, or a folder with "
+                                          "LLaVA's released mm_projector.bin>")],
+                              m.get("allow_random_frozen", []))
 
     ##### model
     dtype = torch.bfloat16 if t.get("bf16") else torch.float32
@@ -86,7 +103,8 @@ def main(argv=None):
             log(f"connector: from stage 1 at {m['init_connector']} ({read.name})")
         else:
             log("connector: no stage-1 connector given (model.init_connector), so it starts from random weights")
-    model = apply_trainability(model, llava_parts(model), m["trainable"], LoraSettings(**m["lora"]))
+    parts = llava_parts(model)
+    model = apply_trainability(model, parts, m["trainable"], LoraSettings(**m["lora"]))
     trainable, total = trainable_parameter_count(model)
     log(f"model: {total:,} parameters, {trainable:,} trainable ({m['trainable']}, qlora {m['qlora']})")
 
@@ -131,7 +149,8 @@ def main(argv=None):
 
     history = train(model, dataset, collate_conversations(tokenizer.pad_token_id), TrainConfig(**t),
                     forward=lambda engine, batch: {"loss": llava_forward(engine, batch).loss}, export=export,
-                    lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log)
+                    lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log,
+                    frozen=frozen_modules(parts, m["trainable"]))
 
     ##### evaluation after training
     if rank == 0:

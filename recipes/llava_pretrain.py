@@ -7,7 +7,9 @@ and a frozen LLM on caption pairs (the prompt is the image alone, the target its
     python recipes/llava_pretrain.py ...   (one process)   torchrun --nproc_per_node 2 recipes/llava_pretrain.py ...
     deepspeed recipes/llava_pretrain.py --push_to_hub --hub_model_id you/llava-pretrain  # push when the run ends
 
-Trains: the connector only. Frozen: vision tower, LLM.
+Trains: the connector only. Frozen, and in eval mode: vision tower, LLM. A frozen connector
+(MiniGPT-4's Q-Former, of which only the projection trains) would stay random: the recipe
+stops at start-up unless `model.allow_random_frozen` lists it.
 With `data.feature_cache` set (the tiny config's default), the frozen tower's features are
 computed once into that folder and read from there in every later epoch and run.
 Writes to `training.output_dir`: `connector.safetensors`, the processor, `mmpeft_config.json`,
@@ -36,7 +38,13 @@ from mmpeft.llava.model import (
     llava_processor,
     load_base_models,
 )
-from mmpeft.models.trainable import apply_trainability, trainable_parameter_count
+from mmpeft.models.trainable import (
+    PartOrigin,
+    apply_trainability,
+    check_frozen_parts_loaded,
+    frozen_modules,
+    trainable_parameter_count,
+)
 from mmpeft.presets import resolve_preset
 from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train
@@ -48,6 +56,11 @@ def main(argv=None):
     args, cfg, zoo, rank, log = start_recipe(__doc__, DEFAULT_CONFIG, argv, os.environ)
     m, d, t = cfg["model"], cfg["data"], cfg["training"]
 
+    ##### start-up check, before any model loads: this stage starts the connector from scratch
+    check_frozen_parts_loaded([PartOrigin("connector", "model.trainable.connector",
+                                          m["trainable"].get("connector", "frozen") == "frozen", None, "")],
+                              m.get("allow_random_frozen", []))
+
     ##### model
     preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
     dtype = torch.bfloat16 if t.get("bf16") else torch.float32  # loaded as trained: a 7B LM in fp32 is 27 GB
@@ -56,7 +69,8 @@ def main(argv=None):
     torch.manual_seed(t["seed"])
     model = build_llava(vision, lm, image_token_id, m["connector"], m["vision_feature_layer"],
                         m.get("connector_options"))
-    model = apply_trainability(model, llava_parts(model), m["trainable"])
+    parts = llava_parts(model)
+    model = apply_trainability(model, parts, m["trainable"])
     trainable, total = trainable_parameter_count(model)
     log(f"model: {total:,} parameters, {trainable:,} trainable ({m['trainable']})")
 
@@ -102,7 +116,8 @@ def main(argv=None):
 
     history = train(model, dataset, collate_conversations(tokenizer.pad_token_id), TrainConfig(**t),
                     forward=lambda engine, batch: {"loss": llava_forward(engine, batch).loss}, export=export,
-                    lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log)
+                    lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log,
+                    frozen=frozen_modules(parts, m["trainable"]))
 
     ##### evaluation after training
     if rank == 0:

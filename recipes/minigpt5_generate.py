@@ -8,14 +8,14 @@ with the images beside the text.
         --image-folder images/test --limit 8 --out page/index.html
 
 With `--stories`, each story's last step is asked for from the steps before it (as many as
-the run's `data.history`), and the true last step is shown beside the answer.
+the run's `data.history`: null, all of them), and the true last step is shown beside the answer.
 """
 
 import argparse
 from pathlib import Path
 
 from mmpeft.data.conversation import IMAGE_MARKER, ConversationEncoder, Sample
-from mmpeft.data.stories import read_vist
+from mmpeft.data.stories import read_vist, story_context
 from mmpeft.data.templates import chat_template
 from mmpeft.minigpt5.checkpoint import load_minigpt5
 from mmpeft.minigpt5.evaluation import interleaved_generate
@@ -49,7 +49,7 @@ def main(argv=None):
     else:
         history = cfg["data"]["history"]
         for sid, steps in list(read_vist(args.stories, args.image_folder).items())[: args.limit]:
-            context = [(s.text, s.image) for s in steps[-1 - history:-1]]
+            context = [(s.text, s.image) for s in story_context(steps, len(steps) - 1, history)]
             asks.append((sid, context, cfg["data"]["prompts"]["multimodal"], steps[-1]))
     rows = []
     for sid, context, prompt, truth in asks:

@@ -9,12 +9,17 @@ conditioning, on caption pairs.
     deepspeed recipes/minigpt5_stage1.py --push_to_hub --hub_model_id you/minigpt5-stage1  # push when the run ends
 
 Trains: the vokens' rows of the LM's input embeddings and output head, the whole mapper
-(MLP, learned query, transformer) at its own learning rate. Frozen: every other LM weight,
-CLIP, the connector, Stable Diffusion (its UNet passes the diffusion loss's gradient back).
+(MLP, learned query, transformer) at its own learning rate. Frozen, and in eval mode: every
+other LM weight, CLIP, the connector, Stable Diffusion (its UNet passes the diffusion loss's
+gradient back). Stage 1 shows no images; the connector in `model.init_connector` (a LLaVA
+stage-1 output, a folder with LLaVA's released `mm_projector.bin`, or its Hub id) is carried
+into the run's folder for stage 2, which reads its context images through it. Stops at
+start-up when a frozen mapper part would stay random.
 Loss: 0.01 LM + latent diffusion (Min-SNR 5) + 0.1 caption alignment, with 10% CFG dropout.
 Writes to `training.output_dir`: the LLaVA files (`llava_adapter/` holds the voken rows,
-`connector.safetensors`, processor, `mmpeft_config.json`), `mapper.safetensors`,
-`checkpoint-{step}/`, `metrics.json` (with the records skipped, by reason, under "skipped").
+`connector.safetensors`, processor, `mmpeft_config.json` with `connector_from`),
+`mapper.safetensors`, `checkpoint-{step}/`, `metrics.json` (with the records skipped, by
+reason, under "skipped").
 """
 
 import json
@@ -22,7 +27,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from mmpeft.data.conversation import ConversationEncoder, read_caption_jsonl, read_caption_shards
 from mmpeft.data.diffusion_targets import CaptionTargets, LatentTargets, prepare_targets, sd_resolution
@@ -30,8 +34,10 @@ from mmpeft.data.stories import VokenDataset, caption_voken_sample, check_captio
 from mmpeft.data.templates import chat_template
 from mmpeft.hub import push
 from mmpeft.llava.model import llava_parts, llava_processor, load_base_models
+from mmpeft.llava.released import load_connector
 from mmpeft.minigpt5.checkpoint import (
     assemble_minigpt5,
+    connector_source,
     empty_caption,
     load_minigpt5,
     mapper_settings,
@@ -41,7 +47,14 @@ from mmpeft.minigpt5.checkpoint import (
 )
 from mmpeft.minigpt5.evaluation import conditioning_gap, mapped_conditions
 from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, mapper_parts
-from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
+from mmpeft.models.trainable import (
+    LoraSettings,
+    PartOrigin,
+    apply_trainability,
+    check_frozen_parts_loaded,
+    frozen_modules,
+    trainable_parameter_count,
+)
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_diffusion, resolve_preset
 from mmpeft.start import launch_record, start_recipe
@@ -64,6 +77,11 @@ def main(argv=None):
     args, cfg, zoo, rank, log = start_recipe(__doc__, DEFAULT_CONFIG, argv, os.environ)
     m, d, t, loss = cfg["model"], cfg["data"], cfg["training"], cfg["loss"]
 
+    ##### start-up checks, before any model loads: stage 1 builds the mapper afresh
+    check_frozen_parts_loaded([PartOrigin(f"mapper.{part}", f"model.mapper_trainable.{part}", how == "frozen", None, "")
+                               for part, how in m["mapper_trainable"].items()], m.get("allow_random_frozen", []))
+    connector_from = connector_source(m["init_connector"]) if m["init_connector"] else None
+
     ##### model
     preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"),
                             diffusion=m.get("diffusion_path"))
@@ -73,16 +91,21 @@ def main(argv=None):
     torch.manual_seed(t["seed"])
     llava, voken_ids = assemble_minigpt5(lm, tokenizer, vision, pipeline, m["image_token"], m["n_vokens"],
                                          m["connector"], m["vision_feature_layer"])
-    if m["init_connector"]:  # stage 1 has no input images; a connector given here is carried on to stage 2
-        connector = load_file(Path(m["init_connector"]) / "connector.safetensors")
-        llava.model.multi_modal_projector.load_state_dict(connector)
+    if connector_from:  # stage 1 has no input images; the connector is carried on to stage 2
+        read = load_connector(llava.model.multi_modal_projector, connector_from, m["connector"])
+        log(f"connector: from {m['init_connector']} ({read.name}), carried on to stage 2")
+    else:
+        log("connector: random (no model.init_connector); stage 2 must train it or be given one")
     image_seq_length = llava.config.image_seq_length
     rows = {name: voken_ids for name in trainable_token_targets(llava).values()}
-    llava = apply_trainability(llava, llava_parts(llava), m["trainable"], LoraSettings(**m["lora"]), token_rows=rows)
+    parts = llava_parts(llava)
+    llava = apply_trainability(llava, parts, m["trainable"], LoraSettings(**m["lora"]), token_rows=rows)
     mapper_args = mapper_settings(lm.config.hidden_size, pipeline, **m["mapper"])
     mapper = VokenMapper(**mapper_args).to(dtype)
     for part, module in mapper_parts(mapper).items():
         module.requires_grad_(m["mapper_trainable"][part] == "full")
+    frozen = [*frozen_modules(parts, m["trainable"]), *frozen_modules(mapper_parts(mapper), m["mapper_trainable"]),
+              pipeline.unet, pipeline.vae, pipeline.text_encoder]
     model = MiniGPT5(llava, mapper, pipeline.unet, training_scheduler(pipeline), voken_ids, empty_caption(pipeline),
                      LossWeights(**loss["weights"]), loss["cfg_rate"], loss["snr_gamma"])
     trainable, total = trainable_parameter_count(model)
@@ -103,7 +126,8 @@ def main(argv=None):
 
     ##### training
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
-    settings = minigpt5_settings("minigpt5_stage1", preset, mapper_args, cfg, launch_record(__file__, argv))
+    settings = minigpt5_settings("minigpt5_stage1", preset, mapper_args, cfg, launch_record(__file__, argv),
+                                 connector_from=m["init_connector"])
 
     def export(folder, is_main):
         if is_main:
@@ -111,7 +135,8 @@ def main(argv=None):
 
     history = train(model, dataset, collate_vokens(tokenizer.pad_token_id), TrainConfig(**t),
                     forward=lambda engine, batch: engine(**batch), export=export,
-                    lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log)
+                    lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log,
+                    frozen=frozen)
 
     ##### evaluation: held-out pairs, the model as saved
     if rank == 0:

@@ -4,15 +4,22 @@ and image (context -> text + image), or the sentence of a shown image (image -> 
 
     deepspeed recipes/minigpt5_stage2.py                                  # tiny preset, tiny world, CPU
     deepspeed recipes/minigpt5_stage2.py model.qlora=true                 # 4-bit NF4 LM
-    deepspeed recipes/minigpt5_stage2.py model.init_from=null             # without stage 1 (says so)
+    deepspeed recipes/minigpt5_stage2.py model.init_from=null \
+        'model.mapper_trainable={mlp: full, query: full, transformer: full}'  # without stage 1 (says so)
+    deepspeed recipes/minigpt5_stage2.py data.history=2                  # 2 earlier steps, not all
     deepspeed recipes/minigpt5_stage2.py --push_to_hub --hub_model_id you/minigpt5-stage2  # push when the run ends
     deepspeed --num_gpus 2 recipes/minigpt5_stage2.py training.ds_config=ds_configs/zero3.json
 
 Trains: LoRA on the LM (q/v projections by default), the vokens' rows, the mapper's
-transformer, the connector. Frozen: other LM weights, CLIP, the mapper's MLP and query,
+transformer, the connector (the tiny config; MiniGPT-5 keeps it frozen, as the Vicuna
+config does). Frozen, and in eval mode: other LM weights, CLIP, the mapper's MLP and query,
 Stable Diffusion. Starts from the stage-1 folder in `model.init_from` (voken rows, mapper,
-connector). Stops before reading data when `data.max_length` cannot hold the largest sample
-that `data.history` asks for (the error gives the numbers); records skipped for any reason are
+connector); `model.init_connector` replaces its connector. Context: all earlier story steps
+(`data.history: null`, as MiniGPT-5) or the last `data.history` of them.
+Stops at start-up when a frozen part would stay random (the connector when neither
+`model.init_connector` nor stage 1 gave one, the mapper without stage 1), and before reading
+data when `data.max_length` cannot hold the largest sample that `data.history` asks for (the
+errors give the settings and numbers); records skipped for any reason are
 counted by reason in the start-up log and in `metrics.json` ("skipped"). Writes to
 `training.output_dir`: the stage-1 file set plus the LoRA adapter, `checkpoint-{step}/`,
 `metrics.json` and `samples/index.html` (held-out stories with the generated text and image
@@ -33,18 +40,28 @@ from mmpeft.data.stories import VokenDataset, check_story_fit, collate_vokens, r
 from mmpeft.data.templates import chat_template
 from mmpeft.hub import push
 from mmpeft.llava.model import llava_parts, llava_processor, load_base_models
+from mmpeft.llava.released import load_connector
 from mmpeft.minigpt5.checkpoint import (
     assemble_minigpt5,
+    connector_source,
     empty_caption,
     load_minigpt5,
     mapper_settings,
     minigpt5_settings,
+    read_stage1,
     save_minigpt5,
     training_scheduler,
 )
 from mmpeft.minigpt5.evaluation import describe_story_figures, story_figures, story_page_rows
 from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, mapper_parts
-from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
+from mmpeft.models.trainable import (
+    LoraSettings,
+    PartOrigin,
+    apply_trainability,
+    check_frozen_parts_loaded,
+    frozen_modules,
+    trainable_parameter_count,
+)
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.pages import write_story_page
 from mmpeft.presets import load_clip, load_diffusion, resolve_preset
@@ -58,6 +75,19 @@ def main(argv=None):
     args, cfg, zoo, rank, log = start_recipe(__doc__, DEFAULT_CONFIG, argv, os.environ)
     m, d, t, loss, e = cfg["model"], cfg["data"], cfg["training"], cfg["loss"], cfg["eval"]
 
+    ##### start-up checks, before any model loads: no frozen part may stay random
+    stage1 = read_stage1(m["init_from"]) if m["init_from"] else None
+    connector_from = m.get("init_connector") or (stage1 or {}).get("connector_from")
+    check_frozen_parts_loaded(
+        [PartOrigin("connector", "model.trainable.connector", m["trainable"]["connector"] == "frozen", connector_from,
+                    "give model.init_connector=<a LLaVA stage-1 output, or a folder or Hub id with LLaVA's "
+                    "mm_projector.bin>, or a model.init_from whose stage 1 was given one"),
+         *(PartOrigin(f"mapper.{part}", f"model.mapper_trainable.{part}", how == "frozen", m["init_from"],
+                      "give model.init_from=<a MiniGPT-5 stage-1 output>")
+           for part, how in m["mapper_trainable"].items())],
+        m.get("allow_random_frozen", []))
+    new_connector = connector_source(m["init_connector"]) if m.get("init_connector") else None
+
     ##### model
     preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"),
                             diffusion=m.get("diffusion_path"))
@@ -69,28 +99,32 @@ def main(argv=None):
                                          m["connector"], m["vision_feature_layer"])
     mapper_args = mapper_settings(lm.config.hidden_size, pipeline, **m["mapper"])
     mapper = VokenMapper(**mapper_args).to(dtype)
-    if m["init_from"]:
-        stage1 = Path(m["init_from"])
-        needed = ["mapper.safetensors", "connector.safetensors", "llava_adapter", "mmpeft_config.json"]
-        if any(not (stage1 / f).exists() for f in needed):
-            raise FileNotFoundError(f"model.init_from: {stage1} lacks some of {needed}; give a MiniGPT-5 stage-1 "
-                                    "output or checkpoint folder, or null to start from scratch")
-        recorded = json.loads((stage1 / "mmpeft_config.json").read_text())["mapper"]
-        if recorded != mapper_args:
-            raise ValueError(f"model.mapper {mapper_args} differs from the stage-1 mapper {recorded} in {stage1}")
+    if stage1 is not None:
+        stage1_dir = Path(m["init_from"])
+        if stage1["mapper"] != mapper_args:
+            raise ValueError(f"model.mapper {mapper_args} differs from the stage-1 mapper {stage1['mapper']} in "
+                             f"{stage1_dir}")
         from peft import PeftModel  # here, so mmpeft's import quiets bitsandbytes first
 
-        llava = PeftModel.from_pretrained(llava, stage1 / "llava_adapter").merge_and_unload()  # voken rows
-        llava.model.multi_modal_projector.load_state_dict(load_file(stage1 / "connector.safetensors"))
-        mapper.load_state_dict(load_file(stage1 / "mapper.safetensors"))
-        log(f"voken rows, mapper and connector: from stage 1 at {stage1}")
+        llava = PeftModel.from_pretrained(llava, stage1_dir / "llava_adapter").merge_and_unload()  # voken rows
+        llava.model.multi_modal_projector.load_state_dict(load_file(stage1_dir / "connector.safetensors"))
+        mapper.load_state_dict(load_file(stage1_dir / "mapper.safetensors"))
+        log(f"voken rows, mapper and connector: from stage 1 at {stage1_dir}")
     else:
         log("no stage-1 folder given (model.init_from): voken rows, mapper and connector start from scratch")
+    if new_connector is not None:
+        read = load_connector(llava.model.multi_modal_projector, new_connector, m["connector"])
+        log(f"connector: from {m['init_connector']} ({read.name})")
+    elif connector_from is None:
+        log("connector: random (neither stage 1 nor model.init_connector gave one), trained here")
     image_seq_length = llava.config.image_seq_length
     rows = {name: voken_ids for name in trainable_token_targets(llava).values()}
-    llava = apply_trainability(llava, llava_parts(llava), m["trainable"], LoraSettings(**m["lora"]), token_rows=rows)
+    parts = llava_parts(llava)
+    llava = apply_trainability(llava, parts, m["trainable"], LoraSettings(**m["lora"]), token_rows=rows)
     for part, module in mapper_parts(mapper).items():
         module.requires_grad_(m["mapper_trainable"][part] == "full")
+    frozen = [*frozen_modules(parts, m["trainable"]), *frozen_modules(mapper_parts(mapper), m["mapper_trainable"]),
+              pipeline.unet, pipeline.vae, pipeline.text_encoder]
     model = MiniGPT5(llava, mapper, pipeline.unet, training_scheduler(pipeline), voken_ids, empty_caption(pipeline),
                      LossWeights(**loss["weights"]), loss["cfg_rate"], loss["snr_gamma"])
     trainable, total = trainable_parameter_count(model)
@@ -118,7 +152,8 @@ def main(argv=None):
 
     ##### training
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
-    settings = minigpt5_settings("minigpt5_stage2", preset, mapper_args, cfg, launch_record(__file__, argv))
+    settings = minigpt5_settings("minigpt5_stage2", preset, mapper_args, cfg, launch_record(__file__, argv),
+                                 connector_from=(m.get("init_connector") or m["init_from"]) if connector_from else None)
 
     def export(folder, is_main):
         if is_main:
@@ -126,7 +161,8 @@ def main(argv=None):
 
     history = train(model, dataset, collate_vokens(tokenizer.pad_token_id), TrainConfig(**t),
                     forward=lambda engine, batch: engine(**batch), export=export,
-                    lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log)
+                    lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log,
+                    frozen=frozen)
 
     ##### evaluation: the last step of held-out stories, the model as saved
     if rank == 0:

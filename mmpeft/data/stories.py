@@ -2,15 +2,17 @@
 conversations whose answers hold the voken run where an image belongs, each run paired
 with its target image (and caption).
 
-Stage-2 tasks from story step k, with up to `history` earlier steps (their sentence and
-image) as context:
+Stage-2 tasks from story step k, with the earlier steps (their sentence and image) as
+context, all of them as in MiniGPT-5 or the last `history` of them:
 
-    image        the user gives step k's sentence; the answer is the vokens
+    image        the user gives step k's sentence; the answer is the vokens (every step)
     multimodal   the user asks what happens next; the answer is step k's sentence, then the
                  vokens (no space between: a lone space token is one more thing to predict)
     text         the user shows step k's image; the answer is its sentence
 
-The instruction wording of each task is a recipe setting (`data.prompts`).
+As in MiniGPT-5's VIST data, "what happens next" and the text task start at the second step
+(k >= 1): at the first there is no story yet to go on from. The instruction wording of each
+task is a recipe setting (`data.prompts`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mmpeft.data.feature_cache import image_digest
 from mmpeft.models.vokens import mask_forced_vokens
 
 TASKS = ("image", "multimodal", "text")
+FIRST_STEP = {"image": 0, "multimodal": 1, "text": 1}  # the first story step each task is built at
 
 
 @dataclass
@@ -94,25 +97,37 @@ def caption_voken_sample(sample_id: str, image, caption: str, prompt: str, n_vok
     return VokenSample(Sample(sample_id, messages), [image], [caption.strip()])
 
 
+def story_context(steps: list[StoryStep], k: int, history: int | None = None) -> list[StoryStep]:
+    """The steps shown before step `k`: all earlier ones (`history` None, as MiniGPT-5), or
+    the last `history` of them."""
+    if history is not None and history < 0:
+        raise ValueError(f"data.history is {history}: null (all earlier steps) or a count >= 0")
+    return steps[:k] if history is None else steps[max(0, k - history):k]
+
+
 def story_samples(story_id: str, steps: list[StoryStep], prompts: dict[str, str], tasks=TASKS,
-                  history: int = 2, n_vokens: int = 8, last_step_only: bool = False) -> list[VokenSample]:
-    """The stage-2 samples of one story: for each step (or only the last) and each task."""
+                  history: int | None = None, n_vokens: int = 8, last_step_only: bool = False) -> list[VokenSample]:
+    """The stage-2 samples of one story: for each step (or only the last) and each task from
+    its first step on (`FIRST_STEP`), the steps before it as `story_context` chooses."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown stage-2 task(s) {unknown}; tasks are {', '.join(TASKS)}")
     out = []
     for k in range(len(steps) - 1 if last_step_only else 0, len(steps)):
-        context = steps[max(0, k - history):k]
+        context = story_context(steps, k, history)
         lead = "".join(f"{s.text} {IMAGE_MARKER}\n" for s in context)
         images = [s.image for s in context]
         step = steps[k]
         for task in tasks:
+            if k < FIRST_STEP[task]:
+                continue
             sid = f"{story_id}/{k}/{task}"
             if task == "image":
                 user, answer, targets = lead + prompts["image"].format(text=step.text), voken_text(n_vokens), [step]
             elif task == "multimodal":
                 user, answer, targets = lead + prompts["multimodal"], step.text + voken_text(n_vokens), [step]
-            elif task == "text":
-                user, answer, targets = lead + f"{IMAGE_MARKER}\n" + prompts["text"], step.text, []
             else:
-                raise ValueError(f"unknown stage-2 task {task!r}; tasks are {', '.join(TASKS)}")
+                user, answer, targets = lead + f"{IMAGE_MARKER}\n" + prompts["text"], step.text, []
             extra = [step.image] if task == "text" else []
             messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
             out.append(VokenSample(Sample(sid, messages, images + extra), [t.image for t in targets],
@@ -149,17 +164,21 @@ def sample_shape(encoder, voken_ids: list[int], sample: VokenSample, task: str) 
     return SampleShape(task, images, encoder.image_seq_length, vokens, len(ids) - images - vokens)
 
 
-def story_shapes(encoder, voken_ids: list[int], prompts: dict[str, str], tasks, history: int,
+def _shown(history: int | None, story_steps: int) -> int:
+    """How many earlier steps the last step of a story shows."""
+    return story_steps - 1 if history is None else min(history, story_steps - 1)
+
+
+def story_shapes(encoder, voken_ids: list[int], prompts: dict[str, str], tasks, history: int | None,
                  story_steps: int = 5) -> list[SampleShape]:
     """The largest sample of each stage-2 task, with every sentence empty: the last step of
-    a story with all `history` earlier steps shown (at most `story_steps - 1` exist)."""
-    context = min(history, story_steps - 1)
-    steps = [StoryStep("", Path(f"step{k}")) for k in range(context + 1)]
+    a story with the earlier steps `history` shows (None: all `story_steps - 1`)."""
+    steps = [StoryStep("", Path(f"step{k}")) for k in range(story_steps)]
     samples = story_samples("shape", steps, prompts, tasks, history, len(voken_ids), last_step_only=True)
-    return [sample_shape(encoder, voken_ids, s, task) for s, task in zip(samples, tasks, strict=True)]
+    return [sample_shape(encoder, voken_ids, s, s.sample.id.rsplit("/", 1)[1]) for s in samples]
 
 
-def check_story_fit(encoder, voken_ids: list[int], prompts: dict[str, str], tasks, history: int,
+def check_story_fit(encoder, voken_ids: list[int], prompts: dict[str, str], tasks, history: int | None,
                     story_steps: int = 5) -> list[SampleShape]:
     """Stop before any data is read when `encoder.max_length` cannot hold the largest stage-2
     sample the settings ask for even with empty sentences; such samples would otherwise all
@@ -171,12 +190,13 @@ def check_story_fit(encoder, voken_ids: list[int], prompts: dict[str, str], task
     if not too_long:
         return shapes
     advice = f"raise data.max_length to at least {too_long[0].tokens} (the sentences come on top)"
-    for lower in range(min(history, story_steps - 1) - 1, -1, -1):
+    for lower in range(_shown(history, story_steps) - 1, -1, -1):
         largest = max(story_shapes(encoder, voken_ids, prompts, tasks, lower, story_steps), key=lambda s: s.tokens)
         if largest.tokens <= limit:
             advice += f" or lower data.history to {lower} (largest sample then: {largest.describe()})"
             break
-    raise ValueError(f"data.max_length {limit} cannot hold a stage-2 sample with data.history {history}: "
+    shown = "null (all earlier steps)" if history is None else history
+    raise ValueError(f"data.max_length {limit} cannot hold a stage-2 sample with data.history {shown}: "
                      + "; ".join(s.describe() for s in too_long) + f"; {advice}")
 
 

@@ -3,7 +3,9 @@
 An output or checkpoint folder holds the LLaVA files (`save_llava`: connector, the PEFT
 adapter with LoRA and the voken rows, processor, `mmpeft_config.json`) plus
 `mapper.safetensors`. The frozen bases (LM, CLIP, Stable Diffusion) are named by their
-sources in the config, never copied.
+sources in the config, never copied. The config also records where the connector came from
+(`connector_from`), so that stage 2 knows whether stage 1 handed it an aligned connector or
+a random one.
 """
 
 from __future__ import annotations
@@ -63,12 +65,51 @@ def training_scheduler(pipeline):
     return scheduler
 
 
-def minigpt5_settings(recipe: str, preset, mapper_args: dict, config: dict, launch: dict | None = None) -> dict:
+STAGE1_FILES = ("mapper.safetensors", "connector.safetensors", "llava_adapter", CONFIG_FILE)
+
+
+def read_stage1(folder: str | Path) -> dict:
+    """The settings a MiniGPT-5 stage-1 output or checkpoint folder recorded; a folder that
+    lacks any of its files is an error naming them."""
+    folder = Path(folder)
+    missing = [f for f in STAGE1_FILES if not (folder / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"model.init_from: {folder} lacks {', '.join(missing)}; give a MiniGPT-5 stage-1 "
+                                "output or checkpoint folder, or null to start from scratch")
+    return json.loads((folder / CONFIG_FILE).read_text())
+
+
+def connector_source(source: str) -> Path:
+    """What `mmpeft.llava.released.load_connector` reads for `model.init_connector`: a local
+    file or folder as given, else the Hub repo of that id (LLaVA's released stage 1, such as
+    liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5) with only its
+    `connector.safetensors` or `mm_projector.bin` downloaded (the latter is read as tensors
+    only, `weights_only=True`)."""
+    from mmpeft.hub import is_hub_id
+    from mmpeft.llava.released import CONNECTOR_FILE, MM_PROJECTOR_FILE
+
+    if Path(source).exists():
+        return Path(source)
+    if not is_hub_id(source):
+        raise FileNotFoundError(f"model.init_connector: {source} is neither a local file or folder nor a Hub repo id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=[CONNECTOR_FILE, MM_PROJECTOR_FILE]))
+    except OSError as err:  # offline, unknown repo, no access
+        raise OSError(f"model.init_connector: {source} is no local file or folder, and as a Hub repo it cannot be "
+                      f"downloaded: {err}\nOffline, download it on a connected machine (huggingface-cli download "
+                      f"{source} {MM_PROJECTOR_FILE}) and give its local folder instead") from err
+
+
+def minigpt5_settings(recipe: str, preset, mapper_args: dict, config: dict, launch: dict | None = None,
+                      connector_from: str | None = None) -> dict:
     """What a run records in `mmpeft_config.json`: base sources, the mapper's arguments,
-    the loss settings and the model choices `load_minigpt5` needs, the whole config and
-    how the run was launched."""
+    the loss settings and the model choices `load_minigpt5` needs, where the connector's
+    weights came from (`connector_from`: a LLaVA stage-1 output, released projector or
+    stage-1 run; None when it started random), the whole config and how the run was launched."""
     m, loss = config["model"], config["loss"]
-    return {"recipe": recipe, "launch": launch,
+    return {"recipe": recipe, "launch": launch, "connector_from": connector_from,
             "sources": {"lm": preset.lm, "clip": preset.clip, "diffusion": preset.diffusion},
             "mapper": mapper_args, "loss_weights": loss["weights"], "cfg_rate": loss["cfg_rate"],
             "snr_gamma": loss["snr_gamma"], "config": config, **{k: m[k] for k in (

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mmpeft.data.conversation import Sample
-from mmpeft.data.stories import VokenDataset, VokenSample, collate_vokens
+from mmpeft.data.stories import VokenDataset, VokenSample, collate_vokens, story_context
 from mmpeft.eval.clip_scores import clip_image_embeddings, clip_text_embeddings
 from mmpeft.minigpt5.generation import interleaved_generate
 from mmpeft.minigpt5.model import diffusion_target
@@ -116,7 +116,7 @@ def story_figures(model, pipeline, encoder, items: dict[str, list[VokenSample]],
 
 
 def story_page_rows(model, pipeline, encoder, stories: dict, items: dict[str, list[VokenSample]], generated: list,
-                    history: int, guidance: float, steps: int = 25, limit: int = 8) -> list[dict]:
+                    history: int | None, guidance: float, steps: int = 25, limit: int = 8) -> list[dict]:
     """Rows for `write_story_page`: for the first `limit` held-out stories, the context
     steps, the model's free interleaved answer to "what happens next", the true last
     step, and SD's image for the true caption."""
@@ -125,7 +125,8 @@ def story_page_rows(model, pipeline, encoder, stories: dict, items: dict[str, li
         story = item.sample.id.rsplit("/", 2)[0]
         prompt = Sample(asked.sample.id, asked.sample.messages[:-1], asked.sample.images)
         text, image = interleaved_generate(model, pipeline, encoder, prompt, guidance, steps=steps)
-        rows.append({"id": story, "context": [(s.text, s.image) for s in stories[story][-1 - history:-1]],
+        shown = story_context(stories[story], len(stories[story]) - 1, history)
+        rows.append({"id": story, "context": [(s.text, s.image) for s in shown],
                      "prompt": prompt.messages[-1]["content"], "text": text, "image": image,
                      "truth_text": item.captions[0], "truth_image": item.targets[0], "baseline_image": baseline})
     return rows

@@ -7,10 +7,16 @@ LoRA adapter are PEFT `modules_to_save`, so the adapter files carry them. New to
 (vokens) train only their own rows of the input embeddings and output head, through PEFT's
 trainable tokens: the frozen rows are not parameters at all, so no weight decay or
 optimizer state touches them.
+
+Frozen parts run in eval mode while the rest trains (`frozen_modules`, given to the training
+loop), as the original methods run their frozen towers and LMs: no dropout, fixed
+normalisation. A recipe also checks up front that no frozen part keeps random weights
+(`check_frozen_parts_loaded`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from peft import LoraConfig, TrainableTokensConfig, get_peft_model
@@ -81,6 +87,79 @@ def apply_trainability(model, parts: dict[str, nn.Module], choice: dict[str, str
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         modules_to_save=full or None, task_type="CAUSAL_LM", trainable_token_indices=token_rows)
     return get_peft_model(model, config)
+
+
+def frozen_modules(parts: dict[str, nn.Module], choice: dict[str, str]) -> list[nn.Module]:
+    """The modules to keep in eval mode while the model trains (the training loop's `frozen`):
+    each of `parts` that `choice` leaves frozen (a part it does not name is frozen, as in
+    `apply_trainability`) unless it sits inside a part that trains. An LM frozen but for its
+    token rows counts as frozen; a LoRA part does not (LoRA's dropout must work). A frozen
+    part that holds a training one (MiniGPT-4's Q-Former connector, whose `projection`
+    trains) is split: its submodules that hold no trainable parameter are listed instead.
+    Call it after `apply_trainability`, with the same `parts` (the module objects, which PEFT
+    keeps in place)."""
+    opened = [parts[p] for p, how in choice.items() if how != "frozen"]
+    inside_opened = {id(m) for part in opened for m in part.modules()}
+    out = []
+    for name, part in parts.items():
+        if choice.get(name, "frozen") != "frozen" or id(part) in inside_opened:
+            continue
+        holds = [o for o in opened if any(m is o for m in part.modules())]
+        out += _frozen_submodules(part, holds) if holds else [part]
+    return out
+
+
+def _frozen_submodules(module: nn.Module, opened: list[nn.Module]) -> list[nn.Module]:
+    """The children of `module` (recursively) that neither are nor hold an opened part or a
+    trainable parameter; PEFT's copy of a fully trained part sits in a wrapper beside the
+    original, which is why trainable parameters are looked at as well as the parts."""
+    out = []
+    for child in module.children():
+        if any(child is o for o in opened):
+            continue
+        holds = any(m is o for o in opened for m in child.modules())
+        if holds or any(p.requires_grad for p in child.parameters()):
+            out += _frozen_submodules(child, opened)
+        else:
+            out.append(child)
+    return out
+
+
+@dataclass(frozen=True)
+class PartOrigin:
+    """Where a part's weights come from, for `check_frozen_parts_loaded`.
+
+    `part`: its short name, as listed in `allow_random_frozen` (`connector`, `mapper.mlp`);
+    `setting`: the config key that freezes it (`model.trainable.connector`); `source`: where
+    its weights are loaded from, None when it starts random; `remedy`: what to give instead
+    (`give model.init_connector=<...>`), or empty when only training it would do."""
+
+    part: str
+    setting: str
+    frozen: bool
+    source: str | None
+    remedy: str
+
+
+def check_frozen_parts_loaded(parts: Iterable[PartOrigin], allowed: Iterable[str] = (),
+                              allow_setting: str = "model.allow_random_frozen") -> None:
+    """Stop before training when a part is frozen but starts from random weights: nothing
+    would train it, so every input would pass a random map (a random connector in front of
+    the LM, say). Every such part is reported at once, by its config key, with the `init_*`
+    setting to give. `allowed` lists the parts (by `PartOrigin.part`) to keep random and
+    frozen all the same, a choice the config states in `allow_setting`. Call it at start-up,
+    before the big models load: it needs only the config."""
+    allowed, problems = set(allowed), []
+    for p in parts:
+        if p.frozen and p.source is None and p.part not in allowed:
+            what = p.part.replace(".", "'s ")  # mapper.mlp: the mapper's mlp
+            fixes = [p.remedy] if p.remedy else []
+            fixes += [f"train it ({p.setting}: full)", f"list {p.part} in {allow_setting} to train with it random "
+                      "all the same"]
+            problems.append(f"{p.setting} is frozen but the {what} is random: " + ", or ".join(fixes))
+    if problems:
+        raise ValueError("a frozen part would keep its random weights (nothing would ever train it):\n"
+                         + "\n".join(problems))
 
 
 def trainable_parameter_count(model) -> tuple[int, int]:

@@ -3,6 +3,8 @@ that resume exactly.
 
 The model's forward returns the loss and its parts; this loop only optimizes, logs and
 saves. It runs the same under `deepspeed`, `torchrun` and plain `python` (one process).
+The modules a recipe names as frozen run in eval mode throughout (`train_mode`): their
+dropout stays off while the trained parts' dropout (LoRA's, say) works.
 
 A checkpoint `checkpoint-{step}/` holds the engine state (trainable weights, optimizer,
 scheduler, `ds/`), each rank's RNG state, `trainer_state.json` (written last: a folder
@@ -18,7 +20,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +44,9 @@ class TrainConfig:
     lr: float = 2e-4
     lr_by_part: dict[str, float] = field(default_factory=dict)  # name fragment -> learning rate
     weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # GILL: (0.9, 0.95)
     warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # after the warmup, decay to zero: cosine (LLaVA) or linear (MiniGPT-5)
     max_grad_norm: float = 1.0
     seed: int = 0
     save_steps: int = 0  # 0: only at the end
@@ -125,21 +129,28 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
+SCHEDULES = ("cosine", "linear")
+
+
 def _schedule(cfg: TrainConfig):
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"training.schedule is {cfg.schedule!r}; one of {', '.join(SCHEDULES)}")
     warmup = max(1, round(cfg.max_steps * cfg.warmup_ratio)) if cfg.warmup_ratio > 0 else 0
 
-    def factor(step: int) -> float:  # linear warmup, then cosine to zero
+    def factor(step: int) -> float:  # linear warmup, then cosine or linear decay to zero
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, cfg.max_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
 
     return factor
 
 
 def _optimizer_and_schedule(model: torch.nn.Module, cfg: TrainConfig):
     """AdamW over `param_groups` and its learning-rate schedule, one scheduler step per optimizer step."""
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
+    if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
+        raise ValueError(f"training.adam_betas is {list(cfg.adam_betas)}; two numbers in [0, 1), such as [0.9, 0.999]")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.adam_betas))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
 
 
@@ -179,14 +190,29 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def train_mode(model: torch.nn.Module, frozen: Sequence[torch.nn.Module] = ()) -> None:
+    """`model` in train mode but each module of `frozen` (and everything inside it) in eval
+    mode, as the original methods run their frozen parts: a frozen LM's or tower's dropout
+    off, its normalisation fixed. A module of `frozen` outside `model` (a pipeline's VAE)
+    is put in eval mode all the same."""
+    model.train()
+    for module in frozen:
+        module.eval()
+
+
 def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
           forward: Callable[[torch.nn.Module, dict], dict], export: Callable[[Path, bool], None],
           lengths: list[int], has_image: list[bool], resume: str | None = None,
-          log: Callable[[str], None] = print) -> list[dict]:
+          log: Callable[[str], None] = print, frozen: Sequence[torch.nn.Module] = (),
+          after_step: Callable[[torch.nn.Module], None] | None = None) -> list[dict]:
     """Train for `cfg.max_steps` optimizer steps and return the history (one dict per
     step: loss, its parts, learning rate). `forward(engine, batch)` returns a dict with
     `loss` and any named parts; `export(folder, is_main)` writes the inference files.
-    `resume`: a checkpoint folder, or `latest` for the newest in `output_dir`."""
+    `resume`: a checkpoint folder, or `latest` for the newest in `output_dir`. `frozen`:
+    modules kept in eval mode while the rest trains (`train_mode`), set again before every
+    step so that an export or evaluation in between cannot leave them otherwise;
+    `mmpeft.models.trainable.frozen_modules` gives a recipe's frozen parts. `after_step(engine)`
+    runs after every optimizer step (GILL renormalises its `[IMG]` rows there)."""
     import deepspeed
 
     rank, world = setup_distributed()
@@ -215,10 +241,10 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
     batches = iter(loader)
     if rank == 0 and sampler.repeated:
         log(f"{sampler.repeated} sample(s) repeated to fill the last batch of each modality")
-    engine.train()
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     start, device = time.time(), engine.device
     while step < cfg.max_steps:
+        train_mode(engine, frozen)
         sums: dict[str, float] = {}
         micro = []
         for _ in range(cfg.grad_accum):
@@ -244,6 +270,8 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
             engine.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        if after_step is not None:
+            after_step(engine)
         step += 1
         factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]
         # seconds: wall time since this process started training (benchmarks read step times from it)

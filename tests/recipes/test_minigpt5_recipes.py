@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPORT = {"chat_template.jinja", "connector.safetensors", "mmpeft_config.json", "processor_config.json",
           "tokenizer.json", "tokenizer_config.json", "llava_adapter", "mapper.safetensors"}
 CHECKPOINT = {"ds", "trainer_state.json"}
+SCRATCH_MAPPER = "model.mapper_trainable={mlp: full, query: full, transformer: full}"  # no stage 1 to start from
 
 
 def _run(script, out, world, zoo, *overrides, ranks=None):
@@ -39,10 +40,27 @@ def _history(folder):
 
 
 @pytest.fixture(scope="module")
-def stage1(small_world, small_zoo, tmp_path_factory):
+def released_projector(small_zoo, tmp_path_factory):
+    """A folder laid out as LLaVA's released stage 1 (`mm_projector.bin`, LLaVA's own names),
+    sized for the small zoo's CLIP and LM."""
+    vision = json.loads((small_zoo[0] / "clip" / "config.json").read_text())["vision_config"]["hidden_size"]
+    hidden = json.loads((small_zoo[0] / "lm" / "config.json").read_text())["hidden_size"]
+    gen = torch.Generator().manual_seed(5)
+    state = {"model.mm_projector.0.weight": torch.randn(hidden, vision, generator=gen),
+             "model.mm_projector.0.bias": torch.randn(hidden, generator=gen),
+             "model.mm_projector.2.weight": torch.randn(hidden, hidden, generator=gen),
+             "model.mm_projector.2.bias": torch.randn(hidden, generator=gen)}
+    folder = tmp_path_factory.mktemp("released") / "llava-v1.5-pretrain"
+    folder.mkdir()
+    torch.save(state, folder / "mm_projector.bin")
+    return folder, state
+
+
+@pytest.fixture(scope="module")
+def stage1(small_world, small_zoo, released_projector, tmp_path_factory):
     out = tmp_path_factory.mktemp("minigpt5") / "stage1"
     return out, _run("minigpt5_stage1.py", out, small_world, small_zoo[0], "eval.limit=6",
-                     "model.mapper.d_model=32", "model.mapper.ff=64")
+                     "model.mapper.d_model=32", "model.mapper.ff=64", f"model.init_connector={released_projector[0]}")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +70,17 @@ def stage2(stage1, small_world, small_zoo):
                      "model.mapper.d_model=32", "model.mapper.ff=64", "eval.limit=2", "eval.page_stories=1",
                      "eval.sampling_steps=2", f"data.feature_cache={stage1[0].parent / 'features'}",
                      "training.ds_config=ds_configs/zero3.json", ranks=2)
+
+
+def test_stage1_carries_the_released_connector_to_its_output(stage1, released_projector):
+    out, stdout = stage1
+    folder, state = released_projector
+    assert f"connector: from {folder} (mm_projector.bin), carried on to stage 2" in stdout
+    saved = load_file(out / "connector.safetensors")
+    for key, name in (("0.weight", "linear_1.weight"), ("0.bias", "linear_1.bias"), ("2.weight", "linear_2.weight"),
+                      ("2.bias", "linear_2.bias")):
+        assert torch.equal(saved[name], state[f"model.mm_projector.{key}"]), name
+    assert json.loads((out / "mmpeft_config.json").read_text())["connector_from"] == str(folder)
 
 
 def test_stage1_trains_voken_rows_and_mapper_and_logs_each_loss(stage1, small_zoo):
@@ -81,7 +110,9 @@ def test_stage1_trains_voken_rows_and_mapper_and_logs_each_loss(stage1, small_zo
 def test_stage2_on_two_ranks_under_zero3_starts_from_stage1(stage2, stage1):
     out, stdout = stage2
     assert f"voken rows, mapper and connector: from stage 1 at {stage1[0]}" in stdout
-    assert "data.max_length 160 holds the largest sample before its sentences: " in stdout
+    # all earlier steps shown: the largest sample holds 4 images and the vokens, or 5 images (the text task)
+    assert re.search(r"data.max_length 192 holds the largest sample before its sentences: \w+ task with [45] image",
+                     stdout)
     assert {p.name for p in out.iterdir()} == EXPORT | {"adapter_config.json", "adapter_model.safetensors",
                                                         "checkpoint-2", "checkpoint-4", "metrics.json", "samples"}
     assert {p.name for p in (out / "checkpoint-4").iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "mapper.safetensors"}
@@ -115,9 +146,10 @@ def test_stage2_on_two_ranks_under_zero3_starts_from_stage1(stage2, stage1):
 
 def test_stage2_says_when_it_starts_from_scratch(small_world, small_zoo, tmp_path):
     stdout = _run("minigpt5_stage2.py", tmp_path / "scratch", small_world, small_zoo[0], "model.init_from=null",
-                  "model.qlora=true", "training.max_steps=2", "eval.limit=1", "eval.page_stories=1",
+                  SCRATCH_MAPPER, "model.qlora=true", "training.max_steps=2", "eval.limit=1", "eval.page_stories=1",
                   "eval.sampling_steps=2", "data.feature_cache=null")
     assert "no stage-1 folder given (model.init_from): voken rows, mapper and connector start from scratch" in stdout
+    assert "connector: random (neither stage 1 nor model.init_connector gave one), trained here" in stdout
     assert "qlora True" in stdout
     assert json.loads((tmp_path / "scratch" / "metrics.json").read_text())["stories"] == 1
 
@@ -125,14 +157,15 @@ def test_stage2_says_when_it_starts_from_scratch(small_world, small_zoo, tmp_pat
 def test_stage2_stops_when_max_length_cannot_hold_a_sample_and_counts_what_it_skips(small_world, small_zoo,
                                                                                      tmp_path):
     common = [f"fixture.world_dir={small_world}", f"fixture.zoo_dir={small_zoo[0]}", "model.init_from=null",
-              "data.feature_cache=null", "eval.stories=null", "threads=1"]
+              SCRATCH_MAPPER, "data.feature_cache=null", "eval.stories=null", "threads=1"]
     cache = tmp_path / "targets"
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "minigpt5_stage2.py"), *common,
                            f"training.output_dir={tmp_path / 'short'}", f"data.target_cache={cache}",
                            "data.max_length=40"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
-    found = re.search(r"data.max_length 40 cannot hold a stage-2 sample with data.history 2: (\w+) task with "
+    found = re.search(r"data.max_length 40 cannot hold a stage-2 sample with data.history null \(all earlier "
+                      r"steps\): (\w+) task with "
                       r"(\d) image\(s\): \2 x (\d+) image tokens \+ (\d) vokens \+ (\d+) template and instruction "
                       r"tokens = (\d+);.* raise data.max_length to at least \6 ", proc.stderr)
     assert found, proc.stderr[-3000:]
@@ -145,7 +178,7 @@ def test_stage2_stops_when_max_length_cannot_hold_a_sample_and_counts_what_it_sk
     line = next(x for x in stdout.splitlines() if x.startswith("data: ") or "] data: " in x)
     kept, stories, skipped = map(int, re.search(r"data: (\d+) samples \(image, multimodal, text\) from (\d+) "
                                                 r"stories in \S+; skipped (\d+) record\(s\): ", line).groups())
-    assert kept > 0 and skipped > 0 and kept + skipped == stories * 5 * 3
+    assert kept > 0 and skipped > 0 and kept + skipped == stories * 13  # the image task at 5 steps, the others at 4
     metrics = json.loads((tmp_path / "floor" / "metrics.json").read_text())
     assert sum(metrics["skipped"].values()) == skipped
     assert all(f"{n} {reason}" in line for reason, n in metrics["skipped"].items())

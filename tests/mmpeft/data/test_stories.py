@@ -13,6 +13,7 @@ from mmpeft.data.stories import (
     check_caption_fit,
     check_story_fit,
     read_vist,
+    story_context,
     story_samples,
     story_shapes,
 )
@@ -48,20 +49,39 @@ def test_a_story_with_a_missing_step_is_named(small_world, tmp_path):
         read_vist(bad, images)
 
 
-def test_three_tasks_per_step_with_the_history_as_context(small_world):
+def test_all_earlier_steps_are_the_context_and_two_tasks_start_at_the_second_step(small_world):
     sid, steps = next(iter(read_vist(*_vist(small_world)).items()))
-    samples = story_samples(sid, steps, PROMPTS, history=2)
-    assert len(samples) == 5 * 3
+    samples = story_samples(sid, steps, PROMPTS)  # history None: all earlier steps, as MiniGPT-5
+    # MiniGPT-5's VIST data: the image task at all 5 steps, "what happens next" and the text task from k = 1
+    assert [s.sample.id for s in samples] == [f"{sid}/0/image"] + [
+        f"{sid}/{k}/{task}" for k in range(1, 5) for task in ("image", "multimodal", "text")]
     by_id = {s.sample.id: s for s in samples}
     image, multimodal, text = (by_id[f"{sid}/3/{task}"] for task in ("image", "multimodal", "text"))
-    assert image.sample.images == [steps[1].image, steps[2].image] and image.targets == [steps[3].image]
-    assert image.sample.messages[0]["content"].endswith("Draw: " + steps[3].text)
+    assert image.sample.images == [steps[0].image, steps[1].image, steps[2].image]
+    assert image.targets == [steps[3].image] and image.captions == [steps[3].text]
+    assert image.sample.messages[0]["content"] == "".join(f"{s.text} <image>\n" for s in steps[:3]) + \
+        "Draw: " + steps[3].text
+    assert multimodal.sample.images == image.sample.images
     assert multimodal.sample.messages[1]["content"] == steps[3].text + "".join(f"[IMG{i}]" for i in range(8))
-    assert text.targets == [] and text.sample.images[-1] == steps[3].image
+    assert text.targets == [] and text.sample.images == [s.image for s in steps[:4]]
     assert text.sample.messages[1]["content"] == steps[3].text
     assert by_id[f"{sid}/0/image"].sample.images == []  # the first step has no history
-    last = story_samples(sid, steps, PROMPTS, history=2, last_step_only=True)
+    last = story_samples(sid, steps, PROMPTS, last_step_only=True)
     assert {s.sample.id for s in last} == {f"{sid}/4/{t}" for t in ("image", "multimodal", "text")}
+    assert len(by_id[f"{sid}/4/text"].sample.images) == 5
+
+
+def test_a_history_count_shows_only_that_many_earlier_steps(small_world):
+    sid, steps = next(iter(read_vist(*_vist(small_world)).items()))
+    by_id = {s.sample.id: s for s in story_samples(sid, steps, PROMPTS, history=2)}
+    assert len(by_id) == 13
+    assert by_id[f"{sid}/3/image"].sample.images == [steps[1].image, steps[2].image]
+    assert by_id[f"{sid}/1/text"].sample.images == [steps[0].image, steps[1].image]
+    assert story_context(steps, 4, 0) == [] and story_context(steps, 4, None) == steps[:4]
+    with pytest.raises(ValueError, match="data.history is -1: null"):
+        story_samples(sid, steps, PROMPTS, history=-1)
+    with pytest.raises(ValueError, match=r"unknown stage-2 task\(s\) \['caption'\]"):
+        story_samples(sid, steps, PROMPTS, tasks=["image", "caption"])
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +105,11 @@ def test_vokens_cut_by_truncation_are_named_or_counted(small_world, parts):
     lengths = [len(_encoder(parts, 512).encode_text(s.sample)["input_ids"]) for s in samples]
     cut = min(lengths) - 3  # inside the voken run of every sample
     latents = LatentTargets(parts[3].vae, 32)
-    with pytest.raises(ValueError, match=f"record {sid}/0/multimodal: .*voken run"):
+    with pytest.raises(ValueError, match=f"record {sid}/1/multimodal: .*voken run"):
         VokenDataset(samples, _encoder(parts, cut), parts[2], latents)
     data = VokenDataset(samples[:1] + story_samples(sid, steps, PROMPTS, tasks=["text"], history=0),
                         _encoder(parts, cut), parts[2], latents, skip_bad_records=True)
-    assert data.skipped == {"vokens cut or unmatched": 1} and len(data) == 5
+    assert data.skipped == {"vokens cut or unmatched": 1} and len(data) == 4  # text samples from step 1 on
 
 
 def test_targets_from_the_cache_equal_fresh_encodings(small_world, parts, tmp_path):
@@ -124,6 +144,7 @@ def test_the_fit_check_stops_a_max_length_that_cannot_hold_the_largest_sample(pa
     # the count is the encoder's own: a real image-task sample whose sentences are empty
     steps = [StoryStep("", f"{k}.jpg") for k in range(3)]
     real = story_samples("s", steps, PROMPTS, tasks=["image"], history=2, last_step_only=True)[0]
+    assert real.sample.id == "s/2/image"
     assert len(_encoder(parts, 512).encode_text(real.sample)["input_ids"]) == shapes["image"].tokens
     largest = max(shapes.values(), key=lambda s: s.tokens)
     at_history_1 = max(story_shapes(_encoder(parts, 512), voken_ids, PROMPTS, list(shapes), history=1),
@@ -140,6 +161,24 @@ def test_the_fit_check_stops_a_max_length_that_cannot_hold_the_largest_sample(pa
            f"data.history to 1 (largest sample then: {at_history_1.describe()})" in message
     fits = check_story_fit(_encoder(parts, largest.tokens), voken_ids, PROMPTS, list(shapes), history=2)
     assert max(s.tokens for s in fits) == largest.tokens
+
+
+def test_the_fit_check_with_all_earlier_steps_counts_five_images_and_offers_a_cap(parts):
+    _, _, voken_ids, _ = parts
+    tasks = ["image", "multimodal", "text"]
+    shapes = {s.task: s for s in story_shapes(_encoder(parts, 512), voken_ids, PROMPTS, tasks, history=None)}
+    assert (shapes["text"].images, shapes["image"].images, shapes["multimodal"].images) == (5, 4, 4)
+    assert shapes == {s.task: s for s in story_shapes(_encoder(parts, 512), voken_ids, PROMPTS, tasks, history=4)}
+    largest = max(shapes.values(), key=lambda s: s.tokens)  # at 4 tokens an image: 4 images + 8 vokens
+    at_history_3 = max(story_shapes(_encoder(parts, 512), voken_ids, PROMPTS, tasks, history=3),
+                       key=lambda s: s.tokens)
+    with pytest.raises(ValueError) as err:
+        check_story_fit(_encoder(parts, largest.tokens - 1), voken_ids, PROMPTS, tasks, history=None)
+    message = str(err.value)
+    assert message.startswith(f"data.max_length {largest.tokens - 1} cannot hold a stage-2 sample with data.history "
+                              f"null (all earlier steps): {largest.task} task with {largest.images} image(s): "
+                              f"{largest.images} x 4 image tokens")
+    assert message.endswith(f"or lower data.history to 3 (largest sample then: {at_history_3.describe()})")
 
 
 def test_the_caption_fit_check_counts_the_prompt_and_the_vokens(parts):

@@ -228,6 +228,15 @@ def test_learning_rate_warms_up_linearly_to_the_peak_then_decays_by_cosine_to_ze
     assert all(a > b for a, b in zip(lr[10:100], lr[11:101], strict=True))
 
 
+def test_the_linear_schedule_decays_in_equal_steps_to_zero_and_others_are_refused():
+    lr = [g[0] for g in _lrs_per_step(TrainConfig("out", max_steps=20, lr=1e-3, warmup_ratio=0.25,
+                                                   schedule="linear"))]
+    assert lr[4] == pytest.approx(1e-3 * 5 / 6) and lr[5] == pytest.approx(1e-3)  # the same warmup
+    assert lr[5:] == pytest.approx([1e-3 * (1 - k / 15) for k in range(16)])
+    with pytest.raises(ValueError, match="training.schedule is 'step'; one of cosine, linear"):
+        _schedule(TrainConfig("out", max_steps=10, schedule="step"))
+
+
 def test_warmup_is_at_least_one_step_and_none_at_ratio_zero():
     short = _schedule(TrainConfig("out", max_steps=10, warmup_ratio=0.03))  # 0.3 steps rounds up to 1
     assert (short(0), short(1)) == (0.5, 1.0)
@@ -281,3 +290,11 @@ def test_a_resumed_run_sees_the_micro_batches_an_uninterrupted_run_would():
         sampler.set_epoch(*_resume_position(step, accum, per_epoch))
         rest, start = list(sampler), step * accum  # the rest of the epoch from the first micro-batch not trained on
         assert rest == flat[start:start + len(rest)] and len(rest) == per_epoch - start % per_epoch, step
+
+
+def test_adam_betas_reach_the_optimizer_and_bad_ones_are_refused():
+    optimizer, _ = _optimizer_and_schedule(_model(), TrainConfig("out", 10, adam_betas=[0.9, 0.95]))
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    assert _optimizer_and_schedule(_model(), TrainConfig("out", 10))[0].param_groups[0]["betas"] == (0.9, 0.999)
+    with pytest.raises(ValueError, match=r"training.adam_betas is \[0.9\]; two numbers"):
+        _optimizer_and_schedule(_model(), TrainConfig("out", 10, adam_betas=[0.9]))
