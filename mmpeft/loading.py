@@ -31,8 +31,10 @@ def load(source: str | Path, revision: str | None = None, lm: str | None = None,
          diffusion: str | None = None, trust_remote_code: bool = False, token: str | None = None) -> Loaded:
     """Rebuild the trained model of a run folder or Hub repo, whatever its recipe. The base
     models come from the sources the run recorded unless `lm`, `clip` or `diffusion` name
-    another copy (a local folder, say). Only safetensors weights are read, and no remote
-    code runs unless `trust_remote_code` is set."""
+    another copy (a local folder, say). A run's own files are read as safetensors; a base
+    published only as `pytorch_model*.bin` (OPT-6.7B, say) is read with
+    `torch.load(weights_only=True)`, tensors only. No remote code runs unless
+    `trust_remote_code` is set."""
     folder = run_folder(source, revision, token)
     if not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{source} has no {CONFIG_FILE}: not an mmpeft run")
@@ -41,5 +43,5 @@ def load(source: str | Path, revision: str | None = None, lm: str | None = None,
         raise ValueError(f"{source} is a merged export (mmpeft export): load it with transformers, e.g. "
                          "LlavaForConditionalGeneration.from_pretrained or AutoModelForCausalLM.from_pretrained")
     family = family_of(settings.get("recipe", ""), folder / CONFIG_FILE)
-    bases = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    bases = {"weights_only": True, "trust_remote_code": trust_remote_code}
     return family.load(folder, lm, clip, diffusion, base_kwargs=bases)

@@ -30,11 +30,12 @@ from mmpeft.gill import decision
 from mmpeft.gill import evaluation as ev
 from mmpeft.gill.checkpoint import build_gill, load_gill, save_gill
 from mmpeft.gill.data import ClipEmbeddings, GillDataset, collate_gill
+from mmpeft.gill.model import renormalise_token_rows
 from mmpeft.gill.retrieval_index import RetrievalIndex
 from mmpeft.hub import push
 from mmpeft.llava.model import load_base_models
 from mmpeft.minigpt5.checkpoint import empty_caption, mapper_settings
-from mmpeft.models.trainable import LoraSettings, apply_trainability, trainable_parameter_count
+from mmpeft.models.trainable import LoraSettings, apply_trainability, frozen_modules, trainable_parameter_count
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_clip, load_diffusion, resolve_preset
 from mmpeft.start import launch_record, start_recipe
@@ -63,14 +64,16 @@ def main(argv=None):
     pipeline = load_diffusion(preset, dtype=dtype)
     pipeline.text_encoder.requires_grad_(False)
     torch.manual_seed(t["seed"])
-    build = {"clip_dim": vision.config.hidden_size, "image_token": m["image_token"], "n_vokens": m["n_vokens"],
-             "image_tokens": m["image_tokens"], "retrieval_dim": m["retrieval_dim"],
+    build = {"base_tokens": len(tokenizer), "clip_dim": vision.config.hidden_size, "image_token": m["image_token"],
+             "n_vokens": m["n_vokens"], "image_tokens": m["image_tokens"], "retrieval_dim": m["retrieval_dim"],
              "mapper": mapper_settings(lm.config.hidden_size, pipeline, **m["mapper"], input_layers=1),
              "decision_dropout": m["decision_dropout"], "weights": cfg["loss"]["weights"]}
     model = build_gill(lm, tokenizer, **build)
     rows = {name: model.voken_ids for name in trainable_token_targets(lm).values()}
-    model.lm = apply_trainability(lm, {"llm": lm.base_model}, {"llm": m["trainable"]["llm"]},
-                                  LoraSettings(**m["lora"]), token_rows=rows)
+    parts, choice = {"llm": lm.base_model}, {"llm": m["trainable"]["llm"]}
+    model.lm = apply_trainability(lm, parts, choice, LoraSettings(**m["lora"]), token_rows=rows)
+    # GILL runs the frozen LM in eval mode (OPT's dropout 0.1 off), as CLIP and SD's text encoder
+    frozen = [*frozen_modules(parts, choice), vision, pipeline.text_encoder]
     model.decision.requires_grad_(False)  # trained in its own step after the main run
     trainable, total = trainable_parameter_count(model)
     log(f"model: {total:,} parameters, {trainable:,} trainable ([IMG] rows, heads, LM {m['trainable']['llm']})")
@@ -92,38 +95,51 @@ def main(argv=None):
                 "sources": {"lm": preset.lm, "clip": preset.clip, "diffusion": preset.diffusion},
                 "build": build, "qlora": m["qlora"], "config": cfg}
 
+    def renormalise(engine):  # GILL's: the [IMG] rows back to the vocabulary's mean norm after each step
+        renormalise_token_rows(model.lm, zero3=engine.zero_optimization_stage() == 3)
+
     def export(folder, is_main):
         if is_main:
             save_gill(model, folder, tokenizer, settings)
 
-    history = train(model, dataset, collate_gill(tokenizer.pad_token_id), TrainConfig(**t),
+    collate = collate_gill(tokenizer.pad_token_id, d["concat_captions"], len(encoder.lead_ids), t["seed"])
+    history = train(model, dataset, collate, TrainConfig(**t),
                     forward=lambda engine, batch: engine(**batch), export=export, lengths=dataset.lengths,
-                    has_image=[True] * len(dataset), resume=args.resume, log=log)
+                    has_image=[True] * len(dataset), resume=args.resume, log=log, frozen=frozen,
+                    after_step=renormalise if m["renormalise_img_rows"] else None)
 
     ##### decision head, then evaluation: held-out pairs and stories, the model as saved
     if rank == 0:
         metrics = {k: v for k, v in history[-1].items() if k.endswith("loss")} | {"first_loss": history[0]["loss"]}
-        trained, _, _ = load_gill(t["output_dir"])
+        trained, _, _ = load_gill(t["output_dir"], dtype=dtype)
         fresh = ClipEmbeddings(vision, image_processor)  # held-out images: not in the training cache
         encoder.max_length = lm.config.max_position_embeddings  # story queries are longer than training's
-        dec = e["decision"]  # the index holds the scenes of at most `index_max_objects` objects
+        dec = e["decision"]
 
-        def covered(im):
+        def covered(im):  # the tiny world's index holds the scenes of at most `index_max_objects` objects
             return len(im.objects) <= dec["index_max_objects"]
 
         def decision_data(split, limit):
-            images = read_coco(split["images"], split["captions"], split["instances"])[:limit]
-            at0, _ = ev.image_pass_outputs(trained, encoder, [ev.query(im.captions[0], d["prompt"], m["n_vokens"])
-                                                              for im in images], fresh)
-            return images, at0, decision.coverage_labels(images, covered)
+            if dec["labels"] == "prompts_file":
+                prompts, labels = decision.read_decision_prompts(split)
+                images = None
+            else:
+                images = read_coco(split["images"], split["captions"], split["instances"])[:limit]
+                prompts, labels = [im.captions[0] for im in images], decision.coverage_labels(images, covered)
+            at0, _ = ev.image_pass_outputs(trained, encoder, [ev.query(p, d["prompt"], m["n_vokens"])
+                                                              for p in prompts[:limit]], fresh)
+            return images, at0, labels[:limit]
 
         _, fit_at0, fit_labels = decision_data(dec["train"], dec["prompts"])
-        metrics["decision_train_loss"] = decision.train_decision(trained, fit_at0, fit_labels, dec["steps"])
+        metrics["decision_train_loss"] = decision.train_decision(trained, fit_at0, fit_labels, dec["steps"],
+                                                                 dec["lr"])
         save_gill(trained, t["output_dir"], tokenizer, settings)
-        test_images, test_at0, test_labels = decision_data(dec["test"], None)
-        metrics |= decision.decision_figures(trained, test_at0, test_labels)
-        RetrievalIndex.build([im.path for im in test_images if covered(im)], fresh, preset.clip).save(
-            Path(t["output_dir"]) / "index")  # for recipes/gill_answer.py
+        if dec["test"]:
+            test_images, test_at0, test_labels = decision_data(dec["test"], None)
+            metrics |= decision.decision_figures(trained, test_at0, test_labels)
+            if test_images is not None:  # for recipes/gill_answer.py
+                RetrievalIndex.build([im.path for im in test_images if covered(im)], fresh, preset.clip).save(
+                    Path(t["output_dir"]) / "index")
         if e["pairs"]:
             clip_model, clip_processor = load_clip(preset)
             test = read_pairs(e["pairs"])[: e["limit"]]

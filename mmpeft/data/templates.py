@@ -7,10 +7,12 @@
   `<s>` + system + " " + "USER: question ASSISTANT: answer</s>USER: ...".
 - `plain`: LLaVA's stage-1 format (`preprocess_plain`): `<s>`, the image, the caption, "\\n";
   the user's words are dropped.
+- `gill`: GILL's raw text, no template: the tokenizer's BOS (OPT's `</s>`), then the turns'
+  text as it is, `caption[IMG0]..[IMG7]`; every text token is a label.
 
-The two LLaVA formats are `SeparatorFormat`s. `ConversationEncoder` tokenizes them as LLaVA's
-`tokenizer_image_token` does, the text between images one piece at a time, so they are
-written out here as text pieces rather than as Jinja templates.
+The LLaVA formats and GILL's are `SeparatorFormat`s. `ConversationEncoder` tokenizes them as
+LLaVA's `tokenizer_image_token` does, the text between images one piece at a time, so they
+are written out here as text pieces rather than as Jinja templates.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class SeparatorFormat:
     `<image>`, when it is in the first user turn, moves to that turn's front as "<image>\\n"
     (LLaVA's preprocess_multimodal); conversations with more images keep their order.
     The loss covers each answer and its `end`; with roles, also the space before the answer,
-    which SentencePiece joins to the answer's first word.
+    which SentencePiece joins to the answer's first word. Without roles, `user_text` says what
+    becomes of a user turn's words: "dropped" (LLaVA's plain) or "labelled" (kept, and carrying
+    loss as the answers do: GILL's LM loss covers the whole caption sequence).
     """
 
     system: str
@@ -46,6 +50,7 @@ class SeparatorFormat:
     user_sep: str
     end: str | None
     image_first: bool
+    user_text: str = "dropped"
 
     def pieces(self, messages: list[dict], eos_token: str | None,
                add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
@@ -62,7 +67,8 @@ class SeparatorFormat:
             text = m["content"]
             if m["role"] == "user":
                 if self.roles is None:
-                    out.append((IMAGE_MARKER * text.count(IMAGE_MARKER), False))
+                    labelled = self.user_text == "labelled"
+                    out.append((text if labelled else IMAGE_MARKER * text.count(IMAGE_MARKER), labelled))
                     continue
                 if self.image_first and single_image and k == first_user and IMAGE_MARKER in text:
                     text = (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
@@ -81,7 +87,10 @@ VICUNA_V1 = SeparatorFormat(system=VICUNA_SYSTEM, roles=("USER", "ASSISTANT"), u
                             image_first=True)
 PLAIN = SeparatorFormat(system="", roles=None, user_sep="", end="\n", image_first=False)
 
-FORMATS = {"vicuna_v1": VICUNA_V1, "plain": PLAIN}
+# GILL trains on raw `caption[IMG0]..[IMG7]` text and captions after the image, no chat template
+GILL = SeparatorFormat(system="", roles=None, user_sep="", end="", image_first=False, user_text="labelled")
+
+FORMATS = {"vicuna_v1": VICUNA_V1, "plain": PLAIN, "gill": GILL}
 
 
 def chat_template(tokenizer, conversation_format: str) -> str | SeparatorFormat:
@@ -96,7 +105,7 @@ def chat_template(tokenizer, conversation_format: str) -> str | SeparatorFormat:
     template = tokenizer.chat_template
     if not template:
         raise ValueError("conversation_format 'tokenizer': the tokenizer has no chat template; "
-                         "choose vicuna_v1 or plain")
+                         "choose vicuna_v1, plain or gill")
     if "{% generation %}" not in template and "{%- generation %}" not in template:
         raise ValueError("conversation_format 'tokenizer': the tokenizer's chat template has no "
                          "{% generation %} blocks, so the assistant's tokens cannot be found from it; "

@@ -27,10 +27,12 @@ HEADS_FILE = "gill_heads.safetensors"
 
 
 def build_gill(lm, tokenizer, clip_dim: int, image_token: str, n_vokens: int, image_tokens: int, retrieval_dim: int,
-               mapper: dict, decision_dropout: float, weights: dict | None = None) -> GILL:
+               mapper: dict, decision_dropout: float, weights: dict | None = None,
+               base_tokens: int | None = None) -> GILL:
     """Add `<image>` and the `[IMG]` tokens to tokenizer and LM (new rows at the mean of the
-    old) and build the heads around the LM; `mapper` holds `VokenMapper`'s arguments."""
-    ids = add_tokens(tokenizer, lm, [image_token, *voken_names(n_vokens)])
+    base vocabulary's `base_tokens` rows, see `add_tokens`) and build the heads around the
+    LM; `mapper` holds `VokenMapper`'s arguments."""
+    ids = add_tokens(tokenizer, lm, [image_token, *voken_names(n_vokens)], base_tokens=base_tokens)
     hidden = lm.config.hidden_size
     return GILL(lm, ImageInput(clip_dim, hidden, image_tokens), RetrievalHead(hidden, clip_dim, retrieval_dim),
                 VokenMapper(**mapper), DecisionHead(hidden, decision_dropout), ids[0], ids[1:],
@@ -51,10 +53,12 @@ def save_gill(model: GILL, folder: str | Path, tokenizer, settings: dict) -> Non
     (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
-def load_gill(folder: str | Path, lm_source: str | None = None, base_kwargs: dict | None = None):
+def load_gill(folder: str | Path, lm_source: str | None = None, base_kwargs: dict | None = None,
+              dtype: torch.dtype = torch.float32):
     """Rebuild a trained GILL from an output or checkpoint folder; returns `(model,
-    tokenizer, settings)` with the model in eval mode. `base_kwargs` go to the LM's
-    `from_pretrained`."""
+    tokenizer, settings)` with the model in eval mode, the LM and heads in `dtype` (not the
+    LM's published one: OPT-6.7B's is float16, and the heads must match the LM; a QLoRA run
+    in the compute dtype it trained with). `base_kwargs` go to the LM's `from_pretrained`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -63,8 +67,10 @@ def load_gill(folder: str | Path, lm_source: str | None = None, base_kwargs: dic
                                 f"{HEADS_FILE})")
     settings = json.loads((folder / CONFIG_FILE).read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    lm = AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"], **(base_kwargs or {}),
-                                              **quantized_like(settings, {}))
+    kwargs = quantized_like(settings, dict(base_kwargs or {}))  # a QLoRA run: 4 bits, its compute dtype
+    kwargs.setdefault("dtype", dtype)
+    dtype = kwargs["dtype"]
+    lm = AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"], **kwargs)
     keep_cpu_4bit_working(lm)
     model = build_gill(lm, tokenizer, **settings["build"])
     if (folder / "lm_adapter").is_dir():
@@ -72,6 +78,7 @@ def load_gill(folder: str | Path, lm_source: str | None = None, base_kwargs: dic
     heads = load_file(folder / HEADS_FILE)
     for part, module in gill_parts(model).items():
         module.load_state_dict({k[len(part) + 1:]: v for k, v in heads.items() if k.startswith(part + ".")})
+        module.to(dtype)
     return model.eval(), tokenizer, settings
 
 

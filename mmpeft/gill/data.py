@@ -7,6 +7,7 @@ target), all computed by frozen models and so cacheable.
 from __future__ import annotations
 
 import os
+import random
 from collections import Counter
 
 import torch
@@ -88,10 +89,30 @@ def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]
     return out, mask
 
 
-def collate_gill(pad_id: int):
-    """Right-padded passes (labels padded with -100) and the stacked embeddings."""
+def concat_captions(rows: list[dict], lead: int) -> list[dict]:
+    """GILL's multi-example signal: each captioning sequence followed by the next row's (the
+    last by the first's), that row's leading special tokens dropped, so the LM captions a
+    second image after a first caption. The image passes stay as they are."""
+    out = []
+    for k, row in enumerate(rows):
+        nxt = rows[(k + 1) % len(rows)]
+        out.append({**row, "input_ids": row["input_ids"] + nxt["input_ids"][lead:],
+                    "labels": row["labels"] + nxt["labels"][lead:],
+                    "clip_embeds": torch.cat([row["clip_embeds"], nxt["clip_embeds"]])})
+    return out
+
+
+def collate_gill(pad_id: int, concat_p: float = 0.0, lead: int = 0, seed: int = 0):
+    """Right-padded passes (labels padded with -100) and the stacked embeddings. With
+    probability `concat_p` a batch's captioning sequences are joined in pairs
+    (`concat_captions`; `lead`: the encoder's leading special tokens); the draw depends on
+    the seed and the batch's first sequence only, so a resumed run draws as the first did."""
 
     def collate(rows: list[dict]) -> dict:
+        if concat_p > 0 and len(rows) > 1:
+            draw = random.Random(hash((seed, *rows[0]["input_ids"]))).random()
+            if draw < concat_p:
+                rows = concat_captions(rows, lead)
         batch = {}
         for prefix in ("", "img_"):
             batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"] = _pad(

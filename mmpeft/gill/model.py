@@ -11,7 +11,10 @@ Each training example takes two passes through the LM:
                                                                L2 of the mapped [IMG] states to the
                                                                SD text encoder's caption encoding
 
-    loss = caption LM + 0.5 image-pass LM + contrastive + generation   (GILL's weights)
+    loss = caption LM + image-pass LM + contrastive + generation
+
+GILL's code counts the image pass's LM loss twice at 0.5 (once in its retrieval pass, once
+in its generation pass over the same tokens); one pass at weight 1 is the same gradient.
 """
 
 from __future__ import annotations
@@ -69,17 +72,25 @@ class DecisionHead(nn.Module):
 
 
 def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
-    """`x` of every rank concatenated in rank order; gradients flow back to each rank's part."""
+    """`x` of every rank concatenated in rank order. Only this rank's own part carries a
+    gradient; the others' are constants here, as in GILL: each rank back-propagates the
+    loss of its own rows against everyone's, and the data-parallel mean of the gradients
+    does the rest. (A differentiable gather would also send every rank's loss back through
+    the other ranks' rows, making the shared rows' gradient world-size times GILL's.) All
+    ranks must pass the same number of rows."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(x.contiguous()))
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
 
 
 def contrastive_loss(text: torch.Tensor, image: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over the embeddings of all ranks: the mean of the text->image and
-    image->text cross entropies, row i of `text` matching row i of `image`."""
+    image->text cross entropies, row i of `text` matching row i of `image`. Each rank computes
+    it over the whole gathered batch; its gradient reaches only its own rows (see
+    `gather_across_ranks`)."""
     text, image = gather_across_ranks(text), gather_across_ranks(image)
     logits = log_scale.exp() * text @ image.T
     target = torch.arange(len(text), device=text.device)
@@ -93,10 +104,10 @@ def generation_loss(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class GillWeights:
-    """GILL's: caption LM 1, image-pass LM 0.5, contrastive 1, generation 1."""
+    """GILL's: caption LM 1, image-pass LM 1 (its two passes at 0.5), contrastive 1, generation 1."""
 
     caption: float = 1.0
-    image_lm: float = 0.5
+    image_lm: float = 1.0
     retrieval: float = 1.0
     generation: float = 1.0
 
@@ -161,6 +172,33 @@ class GILL(nn.Module):
     def decision_logits(self, at_img0: torch.Tensor) -> torch.Tensor:
         """(retrieve, generate) logits from states at `[IMG0]`."""
         return self.decision(at_img0)
+
+
+@torch.no_grad()
+def renormalise_token_rows(lm, zero3: bool = False) -> None:
+    """GILL's step after every optimizer step: each trained token row of the LM's input
+    embeddings (the `[IMG]` rows, PEFT trainable tokens) rescaled to the mean norm of the
+    rows of the tokens before them, the base vocabulary's. With tied embeddings the output
+    head reads the same rows. Under bf16 or ZeRO the optimizer keeps its own float32 copy
+    of the rows, which the next step starts from: it is rescaled too, or the step would
+    undo the renormalisation. `zero3`: the rows are partitioned and gathered here."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    embedding = lm.get_input_embeddings()
+    layer = getattr(embedding, "token_adapter", embedding)  # under LoRA, PEFT wraps the layer
+    if not hasattr(layer, "trainable_tokens_delta"):
+        raise TypeError(f"the LM's input embeddings ({type(embedding).__name__}) have no trainable token rows")
+    base, deltas = layer.base_layer.weight, layer.trainable_tokens_delta
+    with deepspeed.zero.GatheredParameters([base, *deltas.values()], modifier_rank=0, enabled=zero3):
+        for name, rows in deltas.items():
+            target = base[:min(layer.token_indices[name])].float().norm(dim=-1).mean()
+            master = safe_get_full_fp32_param(rows)  # None when the optimizer steps the rows themselves
+            source = rows.float() if master is None else master.float()
+            rescaled = source * (target / source.norm(dim=-1, keepdim=True))
+            if master is not None:
+                safe_set_full_fp32_param(rows, rescaled.to(master.dtype))
+            rows.copy_(rescaled.to(rows.dtype))
 
 
 def gill_parts(model: GILL) -> dict[str, nn.Module]:

@@ -1,21 +1,33 @@
-"""New tokens on a tokenizer and its LM, their rows started from the mean of the old ones."""
+"""New tokens on a tokenizer and its LM, their rows started from the mean of the trained ones."""
 
 from __future__ import annotations
 
 import torch
 
 
-def add_tokens(tokenizer, lm, tokens: list[str]) -> list[int]:
-    """Add special tokens (those missing), grow the LM's input embeddings and output head
-    to match with every new row at the mean of the old rows (deterministic, so a rebuilt
-    model is identical), and return the tokens' ids."""
+def add_tokens(tokenizer, lm, tokens: list[str], base_tokens: int | None = None) -> list[int]:
+    """Add special tokens (those missing) to the tokenizer, grow the LM's input embeddings
+    and output head when they have too few rows, and return the tokens' ids.
+
+    The rows of the new tokens, every id at or past `base_tokens`, start at the mean of rows
+    `0 .. base_tokens - 1`, the tokens the base model was trained with; deterministic, so a
+    rebuilt model is identical. A vocabulary padded past its tokenizer (OPT: 50,272 rows for
+    50,265 tokens) would otherwise put new tokens on untrained padding rows. `base_tokens`
+    defaults to the tokenizer's length before the missing tokens are added, or to the
+    embedding's rows when none is missing (a rebuild from a saved tokenizer, whose base has
+    no padding rows); give it when rebuilding on a padded vocabulary."""
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    old = lm.get_input_embeddings().num_embeddings
+    if base_tokens is None:
+        base_tokens = len(tokenizer) if missing else old
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    old = lm.get_input_embeddings().num_embeddings
     if len(tokenizer) > old:
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    new = sorted(i for i in ids if i >= base_tokens)
+    if new:
         with torch.no_grad():
             for matrix in {id(m): m for m in (lm.get_input_embeddings(), lm.get_output_embeddings())}.values():
-                matrix.weight[old:] = matrix.weight[:old].mean(0, keepdim=True)
-    return tokenizer.convert_tokens_to_ids(tokens)
+                matrix.weight[new] = matrix.weight[:base_tokens].float().mean(0, keepdim=True).to(matrix.weight.dtype)
+    return ids

@@ -39,7 +39,7 @@ def test_writes_its_files_and_logs_every_loss_part(run):
     assert set(history[0]) == {"step", "lr", "seconds", "loss", "caption_loss", "image_lm_loss", "retrieval_loss",
                                "generation_loss"}
     for h in history:
-        parts = h["caption_loss"] + 0.5 * h["image_lm_loss"] + h["retrieval_loss"] + h["generation_loss"]
+        parts = h["caption_loss"] + h["image_lm_loss"] + h["retrieval_loss"] + h["generation_loss"]  # GILL's weights
         assert abs(h["loss"] - parts) < 1e-4
     assert history[-1]["image_lm_loss"] < history[0]["image_lm_loss"]  # the [IMG0] row learns
     metrics = json.loads((out / "metrics.json").read_text())

@@ -1,5 +1,6 @@
 """GILL's parts: the positions each head reads, the symmetric contrastive loss, its
-gathering across ranks, trainable rows, and the retrieval index on disk."""
+gathering across ranks, trainable rows, caption concatenation, the decision prompts file,
+eval mode for the frozen LM, and the retrieval index on disk."""
 
 import math
 from pathlib import Path
@@ -10,13 +11,15 @@ from diffusers import StableDiffusionPipeline
 from transformers import CLIPModel, CLIPProcessor
 
 from mmpeft.gill.checkpoint import build_gill
-from mmpeft.gill.data import ClipEmbeddings
+from mmpeft.gill.data import ClipEmbeddings, collate_gill, concat_captions
+from mmpeft.gill.decision import read_decision_prompts
 from mmpeft.gill.model import RetrievalHead, contrastive_loss, generation_loss
 from mmpeft.gill.retrieval_index import RetrievalIndex, images_in
 from mmpeft.minigpt5.checkpoint import mapper_settings
-from mmpeft.models.trainable import LoraSettings, apply_trainability
+from mmpeft.models.trainable import LoraSettings, apply_trainability, frozen_modules
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_lm, resolve_preset
+from mmpeft.train.loop import train_mode
 
 MAPPER = {"d_model": 32, "heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff": 64}
 
@@ -82,7 +85,7 @@ torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rende
 t = text[rank * 2:(rank + 1) * 2].clone().requires_grad_(True)
 loss = contrastive_loss(t, image[rank * 2:(rank + 1) * 2], torch.zeros(1))
 loss.backward()
-json.dump([loss.item(), t.grad.abs().sum().item()], open(f"{folder}/rank{rank}.json", "w"))
+json.dump([loss.item(), t.grad.tolist()], open(f"{folder}/rank{rank}.json", "w"))
 torch.distributed.destroy_process_group()
 """
 
@@ -91,11 +94,17 @@ def test_the_loss_on_two_ranks_uses_every_ranks_embeddings(tmp_path, two_ranks):
     torch.manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     image = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-    whole = contrastive_loss(text, image, torch.zeros(1)).item()
     torch.save((text, image), tmp_path / "inputs.pt")
+    text.requires_grad_(True)
+    whole = contrastive_loss(text, image, torch.zeros(1))
+    whole.backward()
+    whole = whole.item()
     results = two_ranks(_RANK)
     assert results[0][0] == pytest.approx(whole, abs=1e-6) and results[1][0] == pytest.approx(whole, abs=1e-6)
-    assert results[0][1] > 0 and results[1][1] > 0  # each rank's own embeddings receive gradient
+    # as GILL: each rank's rows get the whole batch's gradient once (a differentiable gather
+    # would add the other rank's loss and double it)
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.tensor(results[rank][1]), text.grad[rank * 2:(rank + 1) * 2])
     halves = [contrastive_loss(text[k:k + 2], image[k:k + 2], torch.zeros(1)).item() for k in (0, 2)]
     assert all(abs(h - whole) > 1e-3 for h in halves)  # without gathering the loss would differ
 
@@ -147,3 +156,53 @@ def test_index_from_a_saved_dataset_holds_its_images_as_files(small_world, small
     with pytest.raises(ValueError, match="no column 'picture'; its columns: image, caption"):
         main([str(tmp_path / "data"), str(tmp_path / "index2"), "--clip", str(small_zoo[0] / "clip"), "--dataset",
               "--image-column", "picture"])
+
+
+def test_concat_captions_joins_each_captioning_sequence_with_the_next_and_keeps_image_order():
+    rows = [{"input_ids": [2, 7, 10 + k], "labels": [-100, -100, 10 + k], "img_input_ids": [2, 99],
+             "img_labels": [-100, 99], "clip_embeds": torch.full((1, 3), float(k)),
+             "target_clip": torch.full((1, 3), float(k)), "caption_embeds": torch.zeros(1, 2, 2)} for k in range(3)]
+    joined = concat_captions(rows, lead=1)
+    assert [r["input_ids"] for r in joined] == [[2, 7, 10, 7, 11], [2, 7, 11, 7, 12], [2, 7, 12, 7, 10]]
+    assert [r["labels"] for r in joined][0] == [-100, -100, 10, -100, 11]
+    assert [r["clip_embeds"][:, 0].tolist() for r in joined] == [[0, 1], [1, 2], [2, 0]]
+    assert all(r["img_input_ids"] == [2, 99] for r in joined)  # the image passes stay as they are
+    always, never = collate_gill(0, concat_p=1.0, lead=1)(rows), collate_gill(0, concat_p=0.0, lead=1)(rows)
+    assert always["input_ids"].shape == (3, 5) and always["clip_embeds"].shape == (6, 3)
+    assert never["input_ids"].shape == (3, 3) and never["clip_embeds"].shape == (3, 3)
+    # about half the batches are joined at p 0.5, the same ones on every call
+    draws = [collate_gill(0, concat_p=0.5, lead=1, seed=s)(rows)["input_ids"].shape[1] == 5 for s in range(200)]
+    assert 70 < sum(draws) < 130
+    assert draws == [collate_gill(0, concat_p=0.5, lead=1, seed=s)(rows)["input_ids"].shape[1] == 5
+                     for s in range(200)]
+
+
+def test_decision_prompts_read_from_jsonl_and_tsv_and_bad_rows_are_named(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"prompt": "a red circle", "decision": "retrieve"}\n\n{"prompt": "a dragon", "decision": '
+                     '"Generate"}\n')
+    prompts, labels = read_decision_prompts(jsonl)
+    assert prompts == ["a red circle", "a dragon"] and labels.tolist() == [0, 1]
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("Prompt\tCategory\tDecision\na cat\tanimals\tretrieve\n")
+    assert read_decision_prompts(tsv)[1].tolist() == [0]
+    jsonl.write_text('{"prompt": "a", "decision": "both"}\n{"decision": "retrieve"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl: line 1: decision 'both' is not retrieve or generate; "
+                                         r"line 2: no prompt"):
+        read_decision_prompts(jsonl)
+    tsv.write_text("text\tlabel\nx\ty\n")
+    with pytest.raises(ValueError, match="the header must name a prompt and a decision column"):
+        read_decision_prompts(tsv)
+
+
+def test_a_frozen_lm_with_trainable_img_rows_runs_in_eval_mode(gill):
+    import copy
+
+    model, _ = gill
+    lm = copy.deepcopy(model.lm)
+    parts, choice = {"llm": lm.base_model}, {"llm": "frozen"}
+    rows = {n: model.voken_ids for n in trainable_token_targets(lm).values()}
+    wrapped = apply_trainability(lm, parts, choice, LoraSettings(), token_rows=rows)
+    train_mode(wrapped, frozen_modules(parts, choice))
+    assert not parts["llm"].training and all(not m.training for m in parts["llm"].modules())
+    assert any(p.requires_grad for p in parts["llm"].parameters())  # the [IMG] rows still train
