@@ -132,11 +132,28 @@ def test_finetune_7b_config_trains_lora_r128_reloads_and_exports_a_native_llava(
     # the LoRA run's base is read in Vicuna's float16, the export in float32
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=5e-3)
 
+    # through transformers' pipeline with typed chat messages, as a server sends them: the
+    # export's own chat template makes LLaVA-1.5's prompt, and greedy decoding continues it
+    from transformers import pipeline
 
-def test_finetune_7b_config_starts_from_the_llava_hf_standin(standins, small_world, tmp_path):
+    image = Image.new("RGB", (300, 200), "red")
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "What colour is the circle?"}]}]
+    served = pipeline("image-text-to-text", model=str(exported))(
+        text=messages, return_full_text=False, generate_kwargs={"max_new_tokens": 4, "do_sample": False})
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.endswith("USER: <image>\nWhat colour is the circle? ASSISTANT:")
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        greedy = native.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs.input_ids.shape[1]:]
+    ours = processor.decode(greedy, skip_special_tokens=True)
+    assert len(greedy) == 4 and served[0]["generated_text"].strip() == ours.strip() != ""
+
+
+def test_from_llava15_config_starts_from_the_llava_hf_standin(standins, small_world, tmp_path):
     out = tmp_path / "from-llava-hf"
-    stdout = _run("llava_finetune.py", "llava_finetune_7b.yaml", f"model.init_from={standins['llava']}",
-                  "model.init_connector=null", f"data.train.path={small_world / 'llava/train.json'}",
+    stdout = _run("llava_finetune.py", "llava_finetune_from_llava15_7b.yaml", f"model.init_from={standins['llava']}",
+                  f"data.train.path={small_world / 'llava/train.json'}",
                   f"data.train.image_folder={small_world / 'coco'}", f"training.output_dir={out}")
     assert f"model: from {standins['llava']}, its image token '<image>' and vision_feature_layer -2" in stdout
     assert all(abs(loss - UNIFORM_LOSS) < 0.5 for loss in _losses(out))

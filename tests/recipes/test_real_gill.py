@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import mmpeft
+from mmpeft.export import export_run
 from mmpeft.standins.build import build_standins
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,3 +87,15 @@ def test_img_rows_train_on_the_tied_lm_renormalised_and_reload(run, standins):
     hidden = torch.randn(1, 1, rows.shape[1])
     logits = lm.get_output_embeddings()(hidden)[0, 0]
     torch.testing.assert_close(logits[ids[1:]], hidden[0, 0] @ rows[1:].T, rtol=1e-4, atol=1e-4)
+
+
+def test_export_is_a_plain_tied_opt_with_the_trained_rows(run, standins, tmp_path):
+    out, _ = run
+    exported = export_run(out, tmp_path / "export", lm=str(standins["opt"]))
+    lm = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    loaded = mmpeft.load(out, lm=str(standins["opt"]))
+    ids = list(range(50266, 50274))
+    weight = lm.get_input_embeddings().weight
+    assert weight.shape == (50274, 64) and lm.get_output_embeddings().weight is weight  # still tied
+    torch.testing.assert_close(weight[ids], loaded.model.lm.get_input_embeddings()(torch.tensor(ids)).float())
+    assert (exported / "gill_heads.safetensors").is_file()
