@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from mmpeft.train.collectives import all_reduce
 from mmpeft.train.sampler import GroupedBatchSampler
 
 STATE_FILE = "trainer_state.json"
@@ -146,11 +147,26 @@ def _schedule(cfg: TrainConfig):
     return factor
 
 
-def _optimizer_and_schedule(model: torch.nn.Module, cfg: TrainConfig):
-    """AdamW over `param_groups` and its learning-rate schedule, one scheduler step per optimizer step."""
+def offloads_optimizer(ds_config: dict) -> bool:
+    """Whether a (filled) DeepSpeed config keeps the optimizer states on the CPU or NVMe."""
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def _optimizer_and_schedule(model: torch.nn.Module, cfg: TrainConfig, offload: bool = False):
+    """AdamW over `param_groups` and its learning-rate schedule, one scheduler step per
+    optimizer step. With the optimizer offloaded (`offload`), DeepSpeed's CPU AdamW, the same
+    update, since DeepSpeed refuses torch's there (and it would be slow); its kernel is
+    compiled on first use."""
     if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
         raise ValueError(f"training.adam_betas is {list(cfg.adam_betas)}; two numbers in [0, 1), such as [0.9, 0.999]")
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                     adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.adam_betas))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
 
 
@@ -167,26 +183,25 @@ def _resume_position(step: int, grad_accum: int, per_epoch: int) -> tuple[int, i
     return micro_done // per_epoch, micro_done % per_epoch
 
 
-def _tokens_per_micro_batch(micro: list[dict], world: int) -> torch.Tensor | None:
+def _tokens_per_micro_batch(micro: list[dict], world: int, device: torch.device) -> torch.Tensor | None:
     """Label tokens of the whole step (every micro-batch on every rank) over the number of
     micro-batches. A causal LM's loss divided by this, rather than by its own micro-batch's
     count, makes the step's gradient the mean over all of the step's tokens, as DeepSpeed
     averages over ranks and accumulation steps: the loss curve is the same on 1 or N ranks
-    and with any accumulation. None when the batches carry no labels."""
+    and with any accumulation. None when the batches carry no labels. `device`: the
+    training device, where the count is summed over ranks."""
     if not all("labels" in b for b in micro):
         return None
-    count = sum((b["labels"][..., 1:] != -100).sum() for b in micro).to(torch.float64)
-    if dist.is_initialized() and world > 1:
-        dist.all_reduce(count)
+    count = sum((b["labels"][..., 1:] != -100).sum() for b in micro).to(device=device, dtype=torch.float64)
+    all_reduce(count, device)
     return (count / (world * len(micro))).clamp(min=1.0).float()
 
 
-def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each logged value averaged over the ranks, reduced on the training `device`."""
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    all_reduce(t, device, mean=True)
     return dict(zip(keys, t.tolist(), strict=True))
 
 
@@ -218,9 +233,10 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
     rank, world = setup_distributed()
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    optimizer, scheduler = _optimizer_and_schedule(model, cfg)
+    ds_config = deepspeed_config(cfg, world)
+    optimizer, scheduler = _optimizer_and_schedule(model, cfg, offloads_optimizer(ds_config))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world))
+                                           config=ds_config)
     sampler = GroupedBatchSampler(lengths, has_image, cfg.micro_batch_size, world, rank, cfg.grad_accum, cfg.seed,
                                   cfg.group_by_modality)
     # its own generator: making an iterator must not draw from the global RNG that dropout uses,
@@ -231,10 +247,11 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
     step, history = 0, []
     ckpt = latest_checkpoint(out) if resume == "latest" else Path(resume) if resume else None
     if ckpt is not None:
+        check_resume_world(ckpt, world)
         engine.load_checkpoint(str(ckpt / "ds"), tag="state", load_module_strict=False)
         state = json.loads((ckpt / STATE_FILE).read_text())
         step, history = state["step"], state["history"]
-        torch.set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=True))
+        set_rng_states(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=True))
         log(f"resumed from {ckpt} at step {step}")
     epoch, skip = _resume_position(step, cfg.grad_accum, per_epoch)
     sampler.set_epoch(epoch, skip)
@@ -256,7 +273,7 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
                 batches = iter(loader)
                 batch = next(batches)
             micro.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-        tokens = _tokens_per_micro_batch(micro, world)
+        tokens = _tokens_per_micro_batch(micro, world, device)
         for batch in micro:
             if tokens is not None:
                 batch["num_items_in_batch"] = tokens
@@ -275,7 +292,8 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
         step += 1
         factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]
         # seconds: wall time since this process started training (benchmarks read step times from it)
-        record = {"step": step, **_mean_over_ranks(sums), "lr": cfg.lr * factor, "seconds": time.time() - start}
+        record = {"step": step, **_mean_over_ranks(sums, device), "lr": cfg.lr * factor,
+                  "seconds": time.time() - start}
         history.append(record)
         if rank == 0 and (step % cfg.log_steps == 0 or step == cfg.max_steps or step == 1):
             parts_text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "lr", "seconds"))
@@ -301,13 +319,48 @@ def export_trained(engine, folder: Path, is_main: bool, export: Callable[[Path, 
         dist.barrier()
 
 
+def rng_states() -> dict:
+    """This rank's random states: the CPU's and, on an accelerator, its device's (dropout
+    masks on a GPU come from the device's generator, not the CPU's)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    device = accelerator.get_rng_state() if accelerator.device_name() != "cpu" else None
+    return {"cpu": torch.get_rng_state(), "device": device, "device_name": accelerator.device_name()}
+
+
+def set_rng_states(saved) -> None:
+    """Restore `rng_states()` (a bare tensor: a checkpoint from before device states were kept)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if torch.is_tensor(saved):
+        torch.set_rng_state(saved)
+        return
+    torch.set_rng_state(saved["cpu"])
+    accelerator = get_accelerator()
+    if saved.get("device") is not None and accelerator.device_name() == saved.get("device_name"):
+        accelerator.set_rng_state(saved["device"])
+
+
+def check_resume_world(ckpt: Path, world: int) -> None:
+    """Stop before loading a checkpoint that another number of ranks saved: its optimizer
+    shards, data positions and random states are per rank, so only the same count resumes
+    it exactly. Says which count does."""
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    saved = state.get("world_size", len(list(ckpt.glob("rng_rank*.pt"))))
+    if saved != world:
+        raise ValueError(f"{ckpt} was saved by {saved} rank(s) and this run has {world}: resume it with {saved} "
+                         f"(e.g. deepspeed --num_gpus {saved} ...), or start a new run from its weights")
+
+
 def _save_checkpoint(engine, folder: Path, step: int, history: list[dict], rank: int, export, cfg: TrainConfig):
     engine.save_checkpoint(str(folder / "ds"), tag="state", exclude_frozen_parameters=True)
-    torch.save(torch.get_rng_state(), folder / f"rng_rank{rank}.pt")
+    torch.save(rng_states(), folder / f"rng_rank{rank}.pt")
     export_trained(engine, folder, rank == 0, export)
     if rank == 0:
-        (folder / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "config": asdict(cfg)},
-                                                    indent=1) + "\n")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        (folder / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "config": asdict(cfg),
+                                                     "world_size": world}, indent=1) + "\n")
         done = sorted((p for p in folder.parent.glob("checkpoint-*") if (p / STATE_FILE).exists()),
                       key=lambda p: int(p.name.split("-")[1]))
         for old in done[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:

@@ -20,6 +20,8 @@ from mmpeft.train.loop import (
 )
 from mmpeft.train.sampler import GroupedBatchSampler
 
+CPU = torch.device("cpu")
+
 ROOT = Path(__file__).resolve().parents[3]
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
@@ -132,13 +134,14 @@ def _labels(row: list[int]) -> dict:
 def test_tokens_per_micro_batch_counts_the_predicted_labels_of_the_whole_step():
     # the first label is never predicted (the loss shifts labels by one), so 7 does not count
     micro = [_labels([7, 1, 2, 3, -100, -100]), _labels([-100, 4, 5, 6, 7, 8])]  # 3 and 5 tokens
-    tokens = _tokens_per_micro_batch(micro, world=1)
+    tokens = _tokens_per_micro_batch(micro, world=1, device=CPU)
     assert tokens.dtype == torch.float32 and tokens.item() == 4.0
 
 
 def test_tokens_per_micro_batch_is_none_without_labels_and_never_below_one():
-    assert _tokens_per_micro_batch([_labels([1, 2]), {"input_ids": torch.tensor([[1, 2]])}], world=1) is None
-    assert _tokens_per_micro_batch([_labels([1, -100, -100])], world=1).item() == 1.0
+    assert _tokens_per_micro_batch([_labels([1, 2]), {"input_ids": torch.tensor([[1, 2]])}], world=1,
+                                   device=CPU) is None
+    assert _tokens_per_micro_batch([_labels([1, -100, -100])], world=1, device=CPU).item() == 1.0
 
 
 def _tiny_lm() -> nn.Module:
@@ -160,7 +163,7 @@ def test_micro_batches_of_3_and_5_tokens_give_the_gradient_of_one_batch_of_8():
             (loss_of(model, batch) / len(micro)).backward()
         return model[1].weight.grad
 
-    tokens = _tokens_per_micro_batch(micro, world=1)
+    tokens = _tokens_per_micro_batch(micro, world=1, device=CPU)
     step = gradient(lambda m, b: ForCausalLMLoss(m(b["input_ids"]), b["labels"], 11, num_items_in_batch=tokens))
     whole = _tiny_lm()
     ForCausalLMLoss(whole(ids), labels, 11).backward()  # the mean over all 8 tokens
@@ -176,8 +179,9 @@ rank, folder = int(sys.argv[1]), sys.argv[2]
 torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2,
                                      timeout=datetime.timedelta(seconds=60))
 micro = [{"labels": torch.tensor([row])} for row in json.loads(sys.argv[3])]
-tokens = _tokens_per_micro_batch(micro, world=2)
-logged = _mean_over_ranks({"loss": 1.0 + 2 * rank, "other": 4.0 - 4 * rank})
+cpu = torch.device("cpu")
+tokens = _tokens_per_micro_batch(micro, world=2, device=cpu)
+logged = _mean_over_ranks({"loss": 1.0 + 2 * rank, "other": 4.0 - 4 * rank}, cpu)
 json.dump({"tokens": tokens.item(), "logged": logged}, open(f"{folder}/rank{rank}.json", "w"))
 torch.distributed.destroy_process_group()
 """
@@ -193,7 +197,48 @@ def test_tokens_and_logged_values_are_shared_by_every_rank(tmp_path, two_ranks):
 
 
 def test_mean_over_ranks_is_the_identity_on_one_process():
-    assert _mean_over_ranks({"loss": 0.25, "a": 3.0}) == {"loss": 0.25, "a": 3.0}
+    assert _mean_over_ranks({"loss": 0.25, "a": 3.0}, CPU) == {"loss": 0.25, "a": 3.0}
+
+
+_ONE_RANK = """
+import datetime, json, sys, torch
+from mmpeft.train.loop import _mean_over_ranks, _tokens_per_micro_batch
+rank, folder = int(sys.argv[1]), sys.argv[2]
+torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=0, world_size=1,
+                                     timeout=datetime.timedelta(seconds=60))
+seen = []
+reduce = torch.distributed.all_reduce
+torch.distributed.all_reduce = lambda t, *a, **k: seen.append(str(t.device)) or reduce(t, *a, **k)
+cpu, errors = torch.device("cpu"), []
+# tensors made without a device land on the default one: here "meta", standing in for the CPU
+# under NCCL; the loop's own tensors must follow the training device it is given
+with torch.device("meta"):
+    for call in (lambda: _mean_over_ranks({"loss": 1.5}, cpu),
+                 lambda: _tokens_per_micro_batch([{"labels": torch.tensor([[1, 2, 3]], device=cpu)}], 1, cpu)):
+        try:
+            call()
+        except RuntimeError as e:
+            errors.append(str(e))
+json.dump({"seen": seen, "errors": errors}, open(f"{folder}/rank0.json", "w"))
+"""
+
+
+def test_collectives_run_on_the_training_device_with_one_rank_through_the_process_group(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _ONE_RANK, "0", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "rank0.json").read_text())
+    assert out == {"seen": ["cpu", "cpu"], "errors": []}  # both reduced, both on the training device
+
+
+def test_a_collective_on_another_device_is_refused_before_it_starts():
+    from mmpeft.train.collectives import all_reduce
+
+    with pytest.raises(RuntimeError, match="collective on a tensor on meta, but the run trains on cpu"):
+        all_reduce(torch.zeros(2, device="meta"), CPU)
 
 
 # --- learning rates ---
@@ -298,3 +343,31 @@ def test_adam_betas_reach_the_optimizer_and_bad_ones_are_refused():
     assert _optimizer_and_schedule(_model(), TrainConfig("out", 10))[0].param_groups[0]["betas"] == (0.9, 0.999)
     with pytest.raises(ValueError, match=r"training.adam_betas is \[0.9\]; two numbers"):
         _optimizer_and_schedule(_model(), TrainConfig("out", 10, adam_betas=[0.9]))
+
+
+def test_random_states_round_trip_and_old_checkpoints_still_load():
+    from mmpeft.train.loop import rng_states, set_rng_states
+
+    torch.manual_seed(3)
+    saved = rng_states()
+    assert saved["device_name"] == "cpu" and saved["device"] is None  # no accelerator here
+    first = torch.rand(3)
+    set_rng_states(saved)
+    assert torch.equal(torch.rand(3), first)
+    set_rng_states(saved["cpu"])  # a checkpoint from before: the CPU state alone
+    assert torch.equal(torch.rand(3), first)
+
+
+def test_a_checkpoint_resumes_only_on_the_rank_count_that_saved_it(tmp_path):
+    from mmpeft.train.loop import STATE_FILE, check_resume_world
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 4, "history": [], "world_size": 8}))
+    check_resume_world(tmp_path, 8)
+    with pytest.raises(ValueError, match=r"was saved by 8 rank\(s\) and this run has 2: resume it with 8 "
+                                         r"\(e.g. deepspeed --num_gpus 8"):
+        check_resume_world(tmp_path, 2)
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 4, "history": []}))  # older: count the random states
+    for rank in range(4):
+        (tmp_path / f"rng_rank{rank}.pt").touch()
+    with pytest.raises(ValueError, match=r"saved by 4 rank\(s\) and this run has 1"):
+        check_resume_world(tmp_path, 1)
