@@ -107,6 +107,7 @@ def test_finetune_7b_config_trains_lora_r128_reloads_and_exports_a_native_llava(
                                                                                tmp_path):
     out, stdout = stage2
     assert "connector: from stage 1" in stdout and "qlora False" in stdout
+    assert "gradient checkpointing: " in stdout  # on in the real configs, as LLaVA trains
     records = len(json.loads((small_world / "llava/train.json").read_text()))
     assert f"data: {records} conversations from {small_world / 'llava/train.json'}\n" in stdout  # none skipped
     assert {p.name for p in out.iterdir()} == RUN_FILES | LORA_FILES | {"checkpoint-2", "metrics.json"}
