@@ -14,14 +14,16 @@ from mmpeft.export import merged
 def native_llava(model):
     """A `LlavaForConditionalGeneration` built from its own config, holding the weights of
     mmpeft's assembled (and merged) LLaVA: the vision tower, the two-layer projector, the
-    LM and its head."""
+    LM and its head, all in the LM's dtype (Vicuna's float16: a 7B export is built at
+    13.5 GB, never as a 27 GB float32 copy)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     if getattr(model.config, "mmpeft_connector", "mlp2x_gelu") != "mlp2x_gelu":
         raise ValueError(f"transformers' LLaVA has a two-layer projector; a '{model.config.mmpeft_connector}' "
                          "connector has no native export (train with model.connector=mlp2x_gelu)")
     config = LlavaConfig.from_dict({k: v for k, v in model.config.to_dict().items() if k != "mmpeft_connector"})
-    native = LlavaForConditionalGeneration(config).to(next(model.parameters()).dtype)
+    dtype = next(model.model.language_model.parameters()).dtype
+    native = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     tower = native.model.vision_tower  # older transformers nest the transformer in `.vision_model`
     getattr(tower, "vision_model", tower).load_state_dict(model.model.vision_tower.state_dict())
     native.model.multi_modal_projector.load_state_dict(model.model.multi_modal_projector.state_dict())

@@ -103,13 +103,30 @@ def nf4_config(dtype: torch.dtype, skip_modules: list[str] | None = None):
                               llm_int8_skip_modules=skip_modules)
 
 
-def load_base_models(preset, qlora: bool = False, dtype: torch.dtype = torch.float32, log=print):
-    """From a resolved preset: the causal LM (4-bit NF4 when `qlora`; its head and the
-    vision tower stay unquantized), its tokenizer, the CLIP vision tower and CLIP's image
-    processor. `log` gets the loaders' notes (a base read from `.bin` weights)."""
+def qlora_device_map(env=None, cuda: bool | None = None) -> dict | None:
+    """Where a 4-bit LM loads: on this rank's own GPU (`LOCAL_RANK`, which the launcher
+    sets), since bitsandbytes quantizes while loading and, left alone, every rank would put
+    its copy on GPU 0. None without a GPU (the CPU backend)."""
+    import os
+
+    env = os.environ if env is None else env
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return {"": int(env.get("LOCAL_RANK", 0))} if cuda else None
+
+
+def load_base_models(preset, qlora: bool = False, dtype: torch.dtype = torch.float32, log=print,
+                     attn_implementation: str | None = "sdpa"):
+    """From a resolved preset: the causal LM (4-bit NF4 when `qlora`, on this rank's GPU;
+    its head and the vision tower stay unquantized), its tokenizer, the CLIP vision tower
+    and CLIP's image processor. `attn_implementation`: the LM's attention kernel (`sdpa`,
+    `flash_attention_2` when flash-attn is installed, `eager`). `log` gets the loaders'
+    notes (a base read from `.bin` weights). No k-bit preparation casts weights to float32:
+    DeepSpeed's bf16 engine holds them in bf16 (the trained ones with float32 masters), and
+    checkpointing is `training.gradient_checkpointing`."""
     from mmpeft.presets import load_clip, load_lm
 
-    lm, tokenizer = load_lm(preset, log=log, dtype=dtype, quantization_config=nf4_config(dtype) if qlora else None)
+    quantized = {"quantization_config": nf4_config(dtype), "device_map": qlora_device_map()} if qlora else {}
+    lm, tokenizer = load_lm(preset, log=log, dtype=dtype, attn_implementation=attn_implementation, **quantized)
     ensure_pad_token(tokenizer)
     clip, processor = load_clip(preset, log=log, dtype=dtype)
     return lm, tokenizer, clip.vision_model, processor.image_processor

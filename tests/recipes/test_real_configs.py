@@ -130,8 +130,9 @@ def test_finetune_7b_config_trains_lora_r128_reloads_and_exports_a_native_llava(
     assert (inputs.input_ids == 32000).sum() == 576
     with torch.no_grad():
         merged, unmerged = native(**inputs).logits, loaded.model(**inputs).logits.float()
-    # the LoRA run's base is read in Vicuna's float16, the export in float32
-    torch.testing.assert_close(merged, unmerged, rtol=0, atol=5e-3)
+    # the export keeps the base's dtype (Vicuna's float16), every part of it
+    assert {p.dtype for p in native.parameters()} == {torch.float16}
+    torch.testing.assert_close(merged.float(), unmerged, rtol=0, atol=2e-2)
 
     # through transformers' pipeline with typed chat messages, as a server sends them: the
     # export's own chat template makes LLaVA-1.5's prompt, and greedy decoding continues it

@@ -14,3 +14,11 @@ def test_a_4bit_lm_runs_in_eval_mode_on_cpu_whatever_its_layer_widths(small_zoo)
     with torch.no_grad():  # where the repacking happens, on CPUs that have AVX512-BF16
         logits = lm.eval()(**tokenizer("A red square.", return_tensors="pt")).logits
     assert torch.isfinite(logits).all()
+
+
+def test_a_4bit_lm_loads_on_each_ranks_own_gpu():
+    from mmpeft.llava.model import qlora_device_map
+
+    assert qlora_device_map({"LOCAL_RANK": "3"}, cuda=True) == {"": 3}
+    assert qlora_device_map({}, cuda=True) == {"": 0}  # a plain `python` run: the first GPU
+    assert qlora_device_map({"LOCAL_RANK": "3"}, cuda=False) is None  # CPU: bitsandbytes' CPU backend
