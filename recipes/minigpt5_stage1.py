@@ -15,11 +15,13 @@ gradient back). Stage 1 shows no images; the connector in `model.init_connector`
 stage-1 output, a folder with LLaVA's released `mm_projector.bin`, or its Hub id) is carried
 into the run's folder for stage 2, which reads its context images through it. Stops at
 start-up when a frozen mapper part would stay random.
-Loss: 0.01 LM + latent diffusion (Min-SNR 5) + 0.1 caption alignment, with 10% CFG dropout.
+Loss: 0.01 LM + latent diffusion (Min-SNR 5) + 0.1 caption alignment, with 10% CFG dropout;
+the diffusion term regresses what the UNet's scheduler predicts (SD 2.1-base: the noise; SD 2.1
+at 768 px: the velocity), named in the start-up log and recorded as `prediction_type`.
 Writes to `training.output_dir`: the LLaVA files (`llava_adapter/` holds the voken rows,
-`connector.safetensors`, processor, `mmpeft_config.json` with `connector_from`),
-`mapper.safetensors`, `checkpoint-{step}/`, `metrics.json` (with the records skipped, by
-reason, under "skipped").
+`connector.safetensors`, processor, `mmpeft_config.json` with `connector_from` and
+`prediction_type`), `mapper.safetensors`, `checkpoint-{step}/`, `metrics.json` (with the
+records skipped, by reason, under "skipped").
 """
 
 import json
@@ -46,7 +48,14 @@ from mmpeft.minigpt5.checkpoint import (
     training_scheduler,
 )
 from mmpeft.minigpt5.evaluation import conditioning_gap, mapped_conditions
-from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, mapper_parts
+from mmpeft.minigpt5.model import (
+    PREDICTION_TARGETS,
+    LossWeights,
+    MiniGPT5,
+    VokenMapper,
+    mapper_parts,
+    scheduler_prediction_type,
+)
 from mmpeft.models.trainable import (
     LoraSettings,
     PartOrigin,
@@ -106,7 +115,11 @@ def main(argv=None):
         module.requires_grad_(m["mapper_trainable"][part] == "full")
     frozen = [*frozen_modules(parts, m["trainable"]), *frozen_modules(mapper_parts(mapper), m["mapper_trainable"]),
               pipeline.unet, pipeline.vae, pipeline.text_encoder]
-    model = MiniGPT5(llava, mapper, pipeline.unet, training_scheduler(pipeline), voken_ids, empty_caption(pipeline),
+    noise_scheduler = training_scheduler(pipeline)
+    prediction_type = scheduler_prediction_type(noise_scheduler)
+    log(f"diffusion: {preset.diffusion} at {sd_resolution(pipeline)} px; the loss regresses the "
+        f"{PREDICTION_TARGETS[prediction_type]} (prediction_type {prediction_type})")
+    model = MiniGPT5(llava, mapper, pipeline.unet, noise_scheduler, voken_ids, empty_caption(pipeline),
                      LossWeights(**loss["weights"]), loss["cfg_rate"], loss["snr_gamma"])
     trainable, total = trainable_parameter_count(model)
     log(f"model: {total:,} parameters, {trainable:,} trainable (voken rows, mapper {m['mapper_trainable']})")
@@ -127,7 +140,7 @@ def main(argv=None):
     ##### training
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
     settings = minigpt5_settings("minigpt5_stage1", preset, mapper_args, cfg, launch_record(__file__, argv),
-                                 connector_from=m["init_connector"])
+                                 connector_from=m["init_connector"], prediction_type=prediction_type)
 
     def export(folder, is_main):
         if is_main:
@@ -145,7 +158,7 @@ def main(argv=None):
         metrics["skipped"] = dict(dataset.skipped)
         e = cfg["eval"]
         if e["pairs"]:
-            trained, _, _, _ = load_minigpt5(t["output_dir"])
+            trained, _, _, _ = load_minigpt5(t["output_dir"], dtype=dtype)
             held_out = read_pairs(e["pairs"], d["prompt"], m["n_vokens"])[: e["limit"]]
             test = VokenDataset(held_out, encoder, voken_ids, LatentTargets(pipeline.vae, sd_resolution(pipeline)))
             gap = conditioning_gap(trained, *mapped_conditions(trained, test))

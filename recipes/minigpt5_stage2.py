@@ -53,7 +53,14 @@ from mmpeft.minigpt5.checkpoint import (
     training_scheduler,
 )
 from mmpeft.minigpt5.evaluation import describe_story_figures, story_figures, story_page_rows
-from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, mapper_parts
+from mmpeft.minigpt5.model import (
+    PREDICTION_TARGETS,
+    LossWeights,
+    MiniGPT5,
+    VokenMapper,
+    mapper_parts,
+    scheduler_prediction_type,
+)
 from mmpeft.models.trainable import (
     LoraSettings,
     PartOrigin,
@@ -125,7 +132,11 @@ def main(argv=None):
         module.requires_grad_(m["mapper_trainable"][part] == "full")
     frozen = [*frozen_modules(parts, m["trainable"]), *frozen_modules(mapper_parts(mapper), m["mapper_trainable"]),
               pipeline.unet, pipeline.vae, pipeline.text_encoder]
-    model = MiniGPT5(llava, mapper, pipeline.unet, training_scheduler(pipeline), voken_ids, empty_caption(pipeline),
+    noise_scheduler = training_scheduler(pipeline)
+    prediction_type = scheduler_prediction_type(noise_scheduler)
+    log(f"diffusion: {preset.diffusion} at {sd_resolution(pipeline)} px; the loss regresses the "
+        f"{PREDICTION_TARGETS[prediction_type]} (prediction_type {prediction_type})")
+    model = MiniGPT5(llava, mapper, pipeline.unet, noise_scheduler, voken_ids, empty_caption(pipeline),
                      LossWeights(**loss["weights"]), loss["cfg_rate"], loss["snr_gamma"])
     trainable, total = trainable_parameter_count(model)
     log(f"model: {total:,} parameters, {trainable:,} trainable (LM {m['trainable']['llm']}, voken rows, "
@@ -153,7 +164,8 @@ def main(argv=None):
     ##### training
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"])
     settings = minigpt5_settings("minigpt5_stage2", preset, mapper_args, cfg, launch_record(__file__, argv),
-                                 connector_from=(m.get("init_connector") or m["init_from"]) if connector_from else None)
+                                 connector_from=(m.get("init_connector") or m["init_from"]) if connector_from else None,
+                                 prediction_type=prediction_type)
 
     def export(folder, is_main):
         if is_main:
@@ -170,7 +182,7 @@ def main(argv=None):
         metrics["first_loss"] = history[0]["loss"]
         metrics["skipped"] = dict(dataset.skipped)
         if e["stories"]:
-            trained, _, trained_pipe, _ = load_minigpt5(t["output_dir"])
+            trained, _, trained_pipe, _ = load_minigpt5(t["output_dir"], dtype=dtype)
             test = list(read_vist(e["stories"], e["image_folder"]).items())[: e["limit"]]
             items = {task: [s for sid, steps in test for s in story_samples(
                 sid, steps, d["prompts"], [task], d["history"], m["n_vokens"], last_step_only=True)]

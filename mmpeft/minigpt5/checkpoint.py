@@ -5,7 +5,8 @@ adapter with LoRA and the voken rows, processor, `mmpeft_config.json`) plus
 `mapper.safetensors`. The frozen bases (LM, CLIP, Stable Diffusion) are named by their
 sources in the config, never copied. The config also records where the connector came from
 (`connector_from`), so that stage 2 knows whether stage 1 handed it an aligned connector or
-a random one.
+a random one, and what the diffusion loss regressed (`prediction_type`), which a reload
+checks against the Stable Diffusion it is given.
 """
 
 from __future__ import annotations
@@ -103,16 +104,18 @@ def connector_source(source: str) -> Path:
 
 
 def minigpt5_settings(recipe: str, preset, mapper_args: dict, config: dict, launch: dict | None = None,
-                      connector_from: str | None = None) -> dict:
+                      connector_from: str | None = None, prediction_type: str | None = None) -> dict:
     """What a run records in `mmpeft_config.json`: base sources, the mapper's arguments,
     the loss settings and the model choices `load_minigpt5` needs, where the connector's
     weights came from (`connector_from`: a LLaVA stage-1 output, released projector or
-    stage-1 run; None when it started random), the whole config and how the run was launched."""
+    stage-1 run; None when it started random), what the diffusion loss regressed
+    (`prediction_type` of the training scheduler: `epsilon`, `v_prediction` or `sample`),
+    the whole config and how the run was launched."""
     m, loss = config["model"], config["loss"]
     return {"recipe": recipe, "launch": launch, "connector_from": connector_from,
             "sources": {"lm": preset.lm, "clip": preset.clip, "diffusion": preset.diffusion},
             "mapper": mapper_args, "loss_weights": loss["weights"], "cfg_rate": loss["cfg_rate"],
-            "snr_gamma": loss["snr_gamma"], "config": config, **{k: m[k] for k in (
+            "snr_gamma": loss["snr_gamma"], "prediction_type": prediction_type, "config": config, **{k: m[k] for k in (
                 "connector", "image_token", "n_vokens", "vision_feature_layer", "trainable", "qlora")}}
 
 
@@ -126,11 +129,17 @@ def save_minigpt5(model: MiniGPT5, folder: str | Path, processor, settings: dict
 
 
 def load_minigpt5(folder: str | Path, lm_source: str | None = None, clip_source: str | None = None,
-                  diffusion_source: str | None = None, base_kwargs: dict | None = None):
+                  diffusion_source: str | None = None, base_kwargs: dict | None = None,
+                  dtype: torch.dtype = torch.float32):
     """Rebuild a trained MiniGPT-5 from an output or checkpoint folder in one call; returns
     `(model, processor, pipeline, settings)` with the model in eval mode. Base models come
     from the recorded sources unless a local copy is given; `base_kwargs` go to the LM's
-    and CLIP's `from_pretrained` (its `use_safetensors` to the pipeline's too)."""
+    and CLIP's `from_pretrained` (its `use_safetensors` to the pipeline's too). Every part
+    is in `dtype`, not in the dtype each base was published in (Vicuna's float16 next to
+    CLIP's and Stable Diffusion's float32): the LM's hidden states feed the mapper, the
+    mapper's output the UNet; a QLoRA run's parts are in the compute dtype it trained with.
+    A Stable Diffusion whose scheduler predicts another target than the run recorded
+    (`prediction_type`) is an error: the mapper learned to condition that target."""
     from transformers import AutoModelForCausalLM, CLIPModel, LlavaProcessor
 
     from mmpeft.models.diffusion import stable_diffusion_pipeline_class
@@ -143,13 +152,22 @@ def load_minigpt5(folder: str | Path, lm_source: str | None = None, clip_source:
     src = settings["sources"]
     processor = LlavaProcessor.from_pretrained(folder)
     base_kwargs = base_kwargs or {}
-    lm = AutoModelForCausalLM.from_pretrained(lm_source or src["lm"], **base_kwargs, **quantized_like(settings, {}))
+    lm_kwargs = quantized_like(settings, {})  # a QLoRA run: 4 bits, its compute dtype
+    dtype = lm_kwargs.setdefault("dtype", dtype)
+    lm = AutoModelForCausalLM.from_pretrained(lm_source or src["lm"], **base_kwargs, **lm_kwargs)
     keep_cpu_4bit_working(lm)
-    vision = CLIPModel.from_pretrained(clip_source or src["clip"], **base_kwargs).vision_model
+    vision = CLIPModel.from_pretrained(clip_source or src["clip"], **base_kwargs, dtype=dtype).vision_model
     safetensors = {k: v for k, v in base_kwargs.items() if k == "use_safetensors"}
     pipeline = stable_diffusion_pipeline_class().from_pretrained(
-        diffusion_source or src["diffusion"], safety_checker=None, requires_safety_checker=False, **safetensors)
+        diffusion_source or src["diffusion"], safety_checker=None, requires_safety_checker=False, dtype=dtype,
+        **safetensors)
     pipeline.set_progress_bar_config(disable=True)
+    noise_scheduler = training_scheduler(pipeline)
+    recorded, found = settings.get("prediction_type"), scheduler_prediction_type(noise_scheduler)
+    if recorded and recorded != found:
+        raise ValueError(f"{folder} trained against the {recorded} target, but the Stable Diffusion at "
+                         f"{diffusion_source or src['diffusion']} predicts {found}; give the diffusion model it "
+                         "trained with")
     llava, voken_ids = assemble_minigpt5(lm, processor.tokenizer, vision, pipeline, settings["image_token"],
                                          settings["n_vokens"], settings["connector"],
                                          settings.get("vision_feature_layer", -2))
@@ -158,6 +176,6 @@ def load_minigpt5(folder: str | Path, lm_source: str | None = None, clip_source:
         llava = PeftModel.from_pretrained(llava, folder / "llava_adapter")
     mapper = VokenMapper(**settings["mapper"])
     mapper.load_state_dict(load_file(folder / "mapper.safetensors"))
-    model = MiniGPT5(llava, mapper, pipeline.unet, training_scheduler(pipeline), voken_ids, empty_caption(pipeline),
+    model = MiniGPT5(llava, mapper.to(dtype), pipeline.unet, noise_scheduler, voken_ids, empty_caption(pipeline),
                      LossWeights(**settings["loss_weights"]), settings["cfg_rate"], settings["snr_gamma"])
     return model.eval(), processor, pipeline, settings

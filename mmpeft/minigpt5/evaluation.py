@@ -46,18 +46,20 @@ def conditioning_gap(model, conditions: torch.Tensor, latents: torch.Tensor, dra
     conditioning, with another sample's (shifted by one), and with the unconditional
     embedding; the same noise and timesteps for all three. `gap` is the mean paired
     difference shuffled - right per sample and `gap_se` its standard error: a gap several
-    standard errors above zero means the conditioning carries the image."""
+    standard errors above zero means the conditioning carries the image. The noise is drawn
+    in float32 on the CPU (the same draws whatever the model's dtype and device), then
+    moved to the latents' dtype and device; the MSE is taken in float32."""
     gen = torch.Generator().manual_seed(seed)
     uncond = model.mapper.unconditional(len(model.voken_ids)).expand_as(conditions)
     per_sample = {"right": 0.0, "shuffled": 0.0, "unconditional": 0.0}
     sched = model.noise_scheduler
     for _ in range(draws):
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen).to(latents.device)
         noisy = sched.add_noise(latents, noise, t)
-        target = diffusion_target(sched, latents, noise, t)
+        target = diffusion_target(sched, latents, noise, t).float()
         for name, cond in (("right", conditions), ("shuffled", conditions.roll(1, 0)), ("unconditional", uncond)):
-            pred = model.unet(noisy, t, encoder_hidden_states=cond).sample
+            pred = model.unet(noisy, t, encoder_hidden_states=cond).sample.float()
             per_sample[name] = per_sample[name] + F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) / draws
     diff = per_sample["shuffled"] - per_sample["right"]
     se = diff.std().item() / len(diff) ** 0.5 if len(diff) > 1 else float("nan")

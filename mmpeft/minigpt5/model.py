@@ -80,6 +80,7 @@ def cfg_dropout(states: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TARGETS = {"epsilon": "noise", "v_prediction": "velocity", "sample": "clean latents"}  # in words
 
 
 def scheduler_prediction_type(noise_scheduler) -> str:

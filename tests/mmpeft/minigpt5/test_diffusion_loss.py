@@ -117,8 +117,21 @@ def test_the_training_scheduler_keeps_the_pipelines_prediction_type():
 
 
 class _Mapper(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.dtype = dtype
+
     def unconditional(self, n_vokens, batch=1):
-        return torch.zeros(batch, 77, 16)
+        return torch.zeros(batch, 77, 16, dtype=self.dtype)
+
+
+class Bf16UNet(StubUNet):
+    """The stub as a bf16 UNet: like a real one, it refuses inputs in another dtype."""
+
+    def forward(self, noisy, t, encoder_hidden_states):
+        if (noisy.dtype, encoder_hidden_states.dtype) != (torch.bfloat16, torch.bfloat16):
+            raise RuntimeError(f"bf16 UNet given {noisy.dtype} latents and {encoder_hidden_states.dtype} conditions")
+        return super().forward(noisy, t, encoder_hidden_states)
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
@@ -137,3 +150,15 @@ def test_the_held_out_loss_scores_the_same_target_as_training(kind):
     if kind == "v_prediction":
         as_noise = ((StubUNet()(noisy, t, cond).sample - noise) ** 2).mean()
         assert abs(gap["right"] - as_noise.item()) > 0.05 * gap["right"]
+
+
+def test_the_held_out_loss_runs_a_bf16_model_with_the_same_draws_as_float32():
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    latents, cond = _inputs(6)
+    full = conditioning_gap(SimpleNamespace(unet=StubUNet(), noise_scheduler=scheduler, mapper=_Mapper(),
+                                            voken_ids=list(range(8))), cond, latents, draws=2, seed=4)
+    bf16 = SimpleNamespace(unet=Bf16UNet(), noise_scheduler=scheduler, mapper=_Mapper(torch.bfloat16),
+                           voken_ids=list(range(8)))
+    half = conditioning_gap(bf16, cond.bfloat16(), latents.bfloat16(), draws=2, seed=4)
+    for name in ("right", "shuffled", "unconditional"):
+        assert half[name] == pytest.approx(full[name], rel=0.03), name

@@ -144,10 +144,12 @@ def test_dropped_occurrences_are_conditioned_on_the_unconditional_embedding(buil
     assert torch.allclose(parts["loss"], 0.01 * parts["text_loss"] + parts["image_loss"] + 0.1 * parts["caption_loss"])
 
 
-def test_saved_model_loads_back_with_the_same_outputs(built, tmp_path):
+def _saved(built, folder, **recorded):
+    """A model with every trainable weight moved (a stand-in for training), saved to `folder`
+    with the settings a run records (plus `recorded`)."""
     model, args = _model(built)
     preset, _, _, tokenizer, _, _, image_processor, vision = built
-    with torch.no_grad():  # stand-in for training: move every trainable weight
+    with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
@@ -155,8 +157,13 @@ def test_saved_model_loads_back_with_the_same_outputs(built, tmp_path):
     settings = {"sources": {"lm": preset.lm, "clip": preset.clip, "diffusion": preset.diffusion}, "mapper": args,
                 "loss_weights": vars(LossWeights()), "cfg_rate": 0.1, "snr_gamma": 5.0, "connector": "mlp2x_gelu",
                 "image_token": "<image>", "n_vokens": 8, "vision_feature_layer": -2,
-                "trainable": {"llm": "lora"}, "qlora": False}
-    save_minigpt5(model, tmp_path, processor, settings)
+                "trainable": {"llm": "lora"}, "qlora": False, **recorded}
+    save_minigpt5(model, folder, processor, settings)
+    return model
+
+
+def test_saved_model_loads_back_with_the_same_outputs(built, tmp_path):
+    model = _saved(built, tmp_path)
     loaded, _, _, _ = load_minigpt5(tmp_path)
     batch = _batch(built)
     for m in (model, loaded):
@@ -169,3 +176,30 @@ def test_saved_model_loads_back_with_the_same_outputs(built, tmp_path):
         assert torch.allclose(outs[0][key], outs[1][key], atol=1e-6), key
     states = [m.voken_states(batch)[0] for m in (model, loaded)]
     assert torch.allclose(states[0], states[1], atol=1e-6)
+
+
+def test_a_reload_puts_every_part_in_one_dtype(built, tmp_path):
+    # the bases are published in float32 here; Vicuna's float16 next to SD's float32 is the
+    # case this guards (tests/recipes/test_real_minigpt5.py loads that one)
+    model = _saved(built, tmp_path, prediction_type="epsilon")
+    loaded, _, pipeline, _ = load_minigpt5(tmp_path, dtype=torch.bfloat16)
+    parts = {"model": loaded, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder}
+    # but the adapter's own weights, which PEFT keeps in float32 and casts around
+    assert {name: {p.dtype for n, p in part.named_parameters() if "lora_" not in n and "trainable_tokens" not in n}
+            for name, part in parts.items()} == {name: {torch.bfloat16} for name in parts}
+    batch = {k: v for k, v in _batch(built, 1).items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():  # the LM's states feed the mapper, whose output feeds the UNet, all in bf16
+        condition = loaded.mapper(loaded.voken_states(batch)[0])
+        model.eval()
+        expected = model.mapper(model.voken_states(batch)[0])
+        latents = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+        assert loaded.unet(latents, torch.tensor([10]), encoder_hidden_states=condition).sample.dtype == torch.bfloat16
+    assert condition.dtype == torch.bfloat16
+    torch.testing.assert_close(condition.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_a_reload_with_a_diffusion_model_of_another_target_is_an_error(built, tmp_path):
+    _saved(built, tmp_path, prediction_type="v_prediction")  # the tiny SD predicts the noise
+    with pytest.raises(ValueError, match=f"{tmp_path} trained against the v_prediction target, but the Stable "
+                                         f"Diffusion at {built[0].diffusion} predicts epsilon; give the diffusion"):
+        load_minigpt5(tmp_path)
