@@ -46,7 +46,8 @@ def main(argv=None):
     ##### model
     preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
     dtype = torch.bfloat16 if t.get("bf16") else torch.float32
-    lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype)
+    lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype,
+                                                              attn_implementation=m["attn_implementation"])
     image_token_id = add_image_token(tokenizer, lm, m["image_token"])
     torch.manual_seed(t["seed"])
     model = FlamingoLM(lm, vision, image_token_id, m["vision_feature_layer"], m["resampler_options"],

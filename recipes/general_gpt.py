@@ -77,7 +77,8 @@ def main(argv=None):
 
     ##### model
     dtype = torch.bfloat16 if t.get("bf16") else torch.float32
-    lm, tokenizer, _, _ = load_base_models(preset, qlora=m["qlora"], dtype=dtype)
+    lm, tokenizer, _, _ = load_base_models(preset, qlora=m["qlora"], dtype=dtype,
+                                           attn_implementation=m["attn_implementation"])
     ids = add_general_gpt_tokens(tokenizer, lm)
     torch.manual_seed(t["seed"])
     rows = {name: list(ids.values()) for name in trainable_token_targets(lm).values()}

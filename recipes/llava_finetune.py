@@ -90,7 +90,8 @@ def main(argv=None):
         torch.manual_seed(t["seed"])
     else:
         preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
-        lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype, log=log)
+        lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype, log=log,
+                                                                  attn_implementation=m["attn_implementation"])
         image_token, layer = m["image_token"], m["vision_feature_layer"]
         sources = {"lm": preset.lm, "clip": preset.clip}
         image_token_id = add_image_token(tokenizer, lm, image_token)

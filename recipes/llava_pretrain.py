@@ -64,7 +64,8 @@ def main(argv=None):
     ##### model
     preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
     dtype = torch.bfloat16 if t.get("bf16") else torch.float32  # loaded as trained: a 7B LM in fp32 is 27 GB
-    lm, tokenizer, vision, image_processor = load_base_models(preset, dtype=dtype, log=log)
+    lm, tokenizer, vision, image_processor = load_base_models(preset, dtype=dtype, log=log,
+                                                              attn_implementation=m["attn_implementation"])
     image_token_id = add_image_token(tokenizer, lm, m["image_token"])
     torch.manual_seed(t["seed"])
     model = build_llava(vision, lm, image_token_id, m["connector"], m["vision_feature_layer"],

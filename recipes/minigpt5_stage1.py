@@ -95,7 +95,8 @@ def main(argv=None):
     preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"),
                             diffusion=m.get("diffusion_path"))
     dtype = torch.bfloat16 if t.get("bf16") else torch.float32
-    lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype)
+    lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype,
+                                                              attn_implementation=m["attn_implementation"])
     pipeline = load_diffusion(preset, dtype=dtype)
     torch.manual_seed(t["seed"])
     llava, voken_ids = assemble_minigpt5(lm, tokenizer, vision, pipeline, m["image_token"], m["n_vokens"],
