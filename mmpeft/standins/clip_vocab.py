@@ -16,12 +16,11 @@ import gzip
 import hashlib
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
+from mmpeft.standins.fetch import fetch_package_file
 from mmpeft.tiny import cache_root
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -74,25 +73,8 @@ def fetch_clip_bpe(folder: Path, version: str = PINNED_VERSION, python: str = sy
     """Extract CLIP's merges file from an open_clip_torch wheel into `folder`. A wheel already
     in `folder` (copied there by hand) is used as it is; otherwise `python -m pip download`
     fetches one (about 1.5 MB) into a temporary folder."""
-    placed = sorted(Path(folder).glob("open_clip_torch-*.whl"))
-    if placed:
-        _extract(placed[-1], folder)
-        return
-    command = [python, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               f"open_clip_torch=={version}", "-d"]
-    with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([*command, tmp], capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob("open_clip_torch-*.whl"))
-        if done.returncode != 0 or not wheels:
-            shown = " ".join(command[1:] if python == sys.executable else command)
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-            raise RuntimeError(
-                f"cannot fetch CLIP's BPE merges: `{shown} DIR` failed (exit {done.returncode})"
-                f"{': ' + tail if tail else ''}\nOn a machine that reaches PyPI run "
-                f"`python -m pip download --no-deps --only-binary :all: open_clip_torch=={version} -d DIR` "
-                f"and copy DIR/open_clip_torch-{version}-py3-none-any.whl into {folder}; it is read from there "
-                "without a download.")
-        _extract(wheels[0], folder)
+    fetch_package_file(f"open_clip_torch=={version}", "open_clip_torch-*.whl", True, folder, "CLIP's BPE merges",
+                       lambda wheel: _extract(wheel, folder), python)
 
 
 def _extract(wheel: Path, folder: Path) -> None:

@@ -14,12 +14,11 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
+from mmpeft.standins.fetch import fetch_package_file
 from mmpeft.tiny import cache_root
 
 LLAMA_SPM = "ggml-vocab-llama-spm.gguf"  # Llama-2's SentencePiece vocabulary (Vicuna v1.5, LLaVA-1.5)
@@ -58,25 +57,8 @@ def fetch_vocabs(folder: Path, version: str | None = None, python: str = sys.exe
     marker. An sdist already in `folder` (copied there by hand) is used as it is; otherwise
     `python -m pip download` fetches one (tens of MB) into a temporary folder."""
     version = version or llama_cpp_version()
-    placed = sorted(folder.glob("llama_cpp_python-*.tar.gz"))
-    if placed:
-        _extract(placed[-1], folder)
-        return
-    command = [python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d"]
-    with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([*command, tmp], capture_output=True, text=True)
-        sdists = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if done.returncode != 0 or not sdists:
-            shown = " ".join(command[1:] if python == sys.executable else command)
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-            raise RuntimeError(
-                f"cannot fetch the Llama-2 / GPT-2 vocabularies: `{shown} DIR` failed (exit "
-                f"{done.returncode}){': ' + tail if tail else ''}\nOn a machine that reaches PyPI run "
-                f"`python -m pip download --no-deps --no-binary :all: llama-cpp-python=={version} -d DIR` "
-                f"and copy DIR/llama_cpp_python-{version}.tar.gz into {folder}; it is read from there "
-                "without a download.")
-        _extract(sdists[0], folder)
+    fetch_package_file(f"llama-cpp-python=={version}", "llama_cpp_python-*.tar.gz", False, folder,
+                       "the Llama-2 / GPT-2 vocabularies", lambda sdist: _extract(sdist, folder), python)
 
 
 def _extract(sdist: Path, folder: Path) -> None:
