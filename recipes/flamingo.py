@@ -34,7 +34,7 @@ from mmpeft.llava.model import add_image_token, load_base_models
 from mmpeft.models.trainable import trainable_parameter_count
 from mmpeft.presets import resolve_preset
 from mmpeft.start import launch_record, start_recipe
-from mmpeft.train.loop import TrainConfig, train
+from mmpeft.train.loop import TrainConfig, train, training_dtype
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "flamingo_tiny.yaml"
 
@@ -45,7 +45,7 @@ def main(argv=None):
 
     ##### model
     preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
-    dtype = torch.bfloat16 if t.get("bf16") else torch.float32
+    dtype = training_dtype(t)
     lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype,
                                                               attn_implementation=m["attn_implementation"])
     image_token_id = add_image_token(tokenizer, lm, m["image_token"])

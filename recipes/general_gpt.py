@@ -43,7 +43,7 @@ from mmpeft.models.trainable import LoraSettings, apply_trainability, frozen_mod
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_clip, resolve_preset
 from mmpeft.start import launch_record, start_recipe
-from mmpeft.train.loop import TrainConfig, train
+from mmpeft.train.loop import TrainConfig, train, training_dtype
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "general_gpt_tiny.yaml"
 
@@ -76,7 +76,7 @@ def main(argv=None):
     vectors, texts = embedding_set(d["train"], cache / "train", preset, log)
 
     ##### model
-    dtype = torch.bfloat16 if t.get("bf16") else torch.float32
+    dtype = training_dtype(t)
     lm, tokenizer, _, _ = load_base_models(preset, qlora=m["qlora"], dtype=dtype,
                                            attn_implementation=m["attn_implementation"])
     ids = add_general_gpt_tokens(tokenizer, lm)

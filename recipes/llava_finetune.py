@@ -57,7 +57,7 @@ from mmpeft.models.trainable import (
 )
 from mmpeft.presets import resolve_preset
 from mmpeft.start import launch_record, start_recipe
-from mmpeft.train.loop import TrainConfig, train
+from mmpeft.train.loop import TrainConfig, train, training_dtype
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava_finetune_tiny.yaml"
 
@@ -75,7 +75,7 @@ def main(argv=None):
                               m.get("allow_random_frozen", []))
 
     ##### model
-    dtype = torch.bfloat16 if t.get("bf16") else torch.float32
+    dtype = training_dtype(t)
     if m.get("init_from"):  # a released LLaVA brings every part: settings that choose them elsewhere would be ignored
         clash = [f"model.{k}" for k in ("init_connector", "lm_path", "clip_path", "connector_options") if m.get(k)]
         clash += ["model.connector (its connector is mlp2x_gelu)"] if m["connector"] != "mlp2x_gelu" else []

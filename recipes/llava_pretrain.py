@@ -47,7 +47,7 @@ from mmpeft.models.trainable import (
 )
 from mmpeft.presets import resolve_preset
 from mmpeft.start import launch_record, start_recipe
-from mmpeft.train.loop import TrainConfig, train
+from mmpeft.train.loop import TrainConfig, train, training_dtype
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava_pretrain_tiny.yaml"
 
@@ -63,7 +63,7 @@ def main(argv=None):
 
     ##### model
     preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
-    dtype = torch.bfloat16 if t.get("bf16") else torch.float32  # loaded as trained: a 7B LM in fp32 is 27 GB
+    dtype = training_dtype(t)  # loaded as trained: a 7B LM in fp32 is 27 GB
     lm, tokenizer, vision, image_processor = load_base_models(preset, dtype=dtype, log=log,
                                                               attn_implementation=m["attn_implementation"])
     image_token_id = add_image_token(tokenizer, lm, m["image_token"])

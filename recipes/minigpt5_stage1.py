@@ -67,7 +67,7 @@ from mmpeft.models.trainable import (
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_diffusion, resolve_preset
 from mmpeft.start import launch_record, start_recipe
-from mmpeft.train.loop import TrainConfig, train
+from mmpeft.train.loop import TrainConfig, train, training_dtype
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minigpt5_stage1_tiny.yaml"
 
@@ -94,7 +94,7 @@ def main(argv=None):
     ##### model
     preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"),
                             diffusion=m.get("diffusion_path"))
-    dtype = torch.bfloat16 if t.get("bf16") else torch.float32
+    dtype = training_dtype(t)
     lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype,
                                                               attn_implementation=m["attn_implementation"])
     pipeline = load_diffusion(preset, dtype=dtype)

@@ -71,10 +71,10 @@ def save_llava(model, folder: str | Path, processor, settings: dict) -> None:
 
 
 def trained_dtype(settings: dict):
-    """The dtype a run trained in (bf16 or fp32)."""
-    import torch
+    """The dtype a run trained in (bf16, fp16 or fp32)."""
+    from mmpeft.train.loop import training_dtype
 
-    return torch.bfloat16 if settings.get("config", {}).get("training", {}).get("bf16") else torch.float32
+    return training_dtype(settings.get("config", {}).get("training", {}))
 
 
 def quantized_like(settings: dict, load_kwargs: dict, skip_modules: list[str] | None = None) -> dict:

@@ -56,6 +56,7 @@ class TrainConfig:
     log_steps: int = 10
     ds_config: str | None = "ds_configs/zero2.json"
     bf16: bool = False
+    fp16: bool = False  # for GPUs without bf16 (V100, T4): float16 with DeepSpeed's dynamic loss scaling
     group_by_modality: bool = True
     num_workers: int = 0
 
@@ -115,9 +116,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
                                     f"{micro} x {accum} x {world_size} = {batch}"),
         "gradient_clipping": (cfg.max_grad_norm, f"training.max_grad_norm is {json.dumps(cfg.max_grad_norm)}"),
         "bf16.enabled": (cfg.bf16, f"training.bf16 is {json.dumps(cfg.bf16)}"),
-        "fp16.enabled": (False, "training never uses fp16 (training.bf16 chooses bf16 or fp32)"),
+        "fp16.enabled": (cfg.fp16, f"training.fp16 is {json.dumps(cfg.fp16)}"),
     }
-    problems = []
+    problems = ["training.bf16 and training.fp16 are both true; choose one"] if cfg.bf16 and cfg.fp16 else []
     for name, (value, setting) in owned.items():
         *section, key = name.split(".")
         where = base.setdefault(section[0], {}) if section else base
@@ -167,6 +168,14 @@ def _schedule(cfg: TrainConfig):
         return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
 
     return factor
+
+
+def training_dtype(training: dict) -> torch.dtype:
+    """The dtype a recipe loads its models in for the `training:` settings it is given:
+    bfloat16 with `bf16`, float16 with `fp16`, else float32."""
+    if training.get("bf16") and training.get("fp16"):
+        raise ValueError("training.bf16 and training.fp16 are both true; choose one")
+    return torch.bfloat16 if training.get("bf16") else torch.float16 if training.get("fp16") else torch.float32
 
 
 def offloads_optimizer(ds_config: dict) -> bool:

@@ -91,7 +91,7 @@ def test_every_disagreement_with_the_training_settings_is_reported_at_once(tmp_p
         f"{path}: train_batch_size is 64 but training.micro_batch_size x training.grad_accum x world size is "
         f"16 x 1 x 2 = 32; {fix}",
         f"{path}: bf16.enabled is true but training.bf16 is false; {fix}",
-        f"{path}: fp16.enabled is true but training never uses fp16 (training.bf16 chooses bf16 or fp32); {fix}",
+        f"{path}: fp16.enabled is true but training.fp16 is false; {fix}",
     ]
 
 
@@ -371,3 +371,18 @@ def test_a_checkpoint_resumes_only_on_the_rank_count_that_saved_it(tmp_path):
         (tmp_path / f"rng_rank{rank}.pt").touch()
     with pytest.raises(ValueError, match=r"saved by 4 rank\(s\) and this run has 1"):
         check_resume_world(tmp_path, 1)
+
+
+def test_fp16_fills_the_config_and_sets_the_load_dtype_and_both_precisions_are_refused(tmp_path):
+    from mmpeft.train.loop import training_dtype
+
+    path = ROOT / "ds_configs" / "zero2.json"
+    config = deepspeed_config(TrainConfig("out", 10, ds_config=str(path), fp16=True), world_size=1)
+    assert config["fp16"]["enabled"] is True and config["bf16"]["enabled"] is False
+    assert config["fp16"]["loss_scale"] == 0  # dynamic loss scaling, from the file
+    assert [training_dtype(t) for t in ({"bf16": True}, {"fp16": True}, {})] == [
+        torch.bfloat16, torch.float16, torch.float32]
+    with pytest.raises(ValueError, match="training.bf16 and training.fp16 are both true; choose one"):
+        deepspeed_config(TrainConfig("out", 10, ds_config=str(path), fp16=True, bf16=True), world_size=1)
+    with pytest.raises(ValueError, match="choose one"):
+        training_dtype({"bf16": True, "fp16": True})
