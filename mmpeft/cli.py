@@ -17,6 +17,10 @@
                       1.5: Hub layouts, real configs cut in depth and width, random weights,
                       real tokenizers) into CACHE/standins/ (--full-size: real sizes, into
                       CACHE/standins/full-size/) and print their folders
+    mmpeft plan CONFIG [key=value ...] --gpus N --gpu-memory GIB [--lm-config P] [--clip-config P]
+                      the per-GPU memory plan of a LLaVA recipe config (a file or a shipped
+                      config's name), read from the models' configs only; if it does not fit,
+                      the settings that would
 
 The cache is `--cache`, else `$MMPEFT_CACHE`, else `~/.cache/mmpeft`.
 """
@@ -54,6 +58,57 @@ def _export(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import importlib.resources
+    import json
+
+    from transformers import AutoConfig
+
+    from mmpeft.config import load_config
+    from mmpeft.presets import resolve_preset
+    from mmpeft.start import config_file, ds_config_file
+    from mmpeft.train import plan
+
+    path = config_file(args.config, Path(str(importlib.resources.files("mmpeft.recipes"))) / "configs")
+    cfg = load_config(path, args.overrides)
+    m, t = cfg["model"], cfg["training"]
+    preset = resolve_preset(m["preset"], zoo_dir="<zoo>", lm=m.get("lm_path"), clip=m.get("clip_path"))
+    sources = {"lm": args.lm_config or preset.lm, "clip": args.clip_config or preset.clip}
+    configs = {}
+    for part, source in sources.items():
+        try:
+            configs[part] = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            print(f"mmpeft plan: cannot read the {part} config from {source} ({err}); offline, give "
+                  f"--{part}-config (a config.json or a folder) or model.{part}_path=<local folder>", file=sys.stderr)
+            return 1
+    ds = json.loads(Path(ds_config_file(t["ds_config"], path)).read_text()) if t.get("ds_config") else {}
+    zero = ds.get("zero_optimization", {})
+    lm, vision = plan.lm_sizes(configs["lm"]), plan.vision_sizes(configs["clip"])
+    connector = plan.connector_params(m["connector"], vision.hidden, lm.hidden)
+    targets = m["lora"].get("targets", "all-linear")
+    settings = plan.Settings(
+        gpus=args.gpus, micro_batch_size=t["micro_batch_size"], grad_accum=t["grad_accum"],
+        max_length=cfg["data"]["max_length"], gradient_checkpointing=bool(t["gradient_checkpointing"]),
+        dtype_bytes=2 if t.get("bf16") or t.get("fp16") else 4, zero_stage=zero.get("stage", 0),
+        offload_param=zero.get("offload_param", {}).get("device", "none") != "none",
+        offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") != "none",
+        qlora=bool(m["qlora"]), lora_r=m["lora"]["r"], lora_dropout=m["lora"].get("dropout", 0.0),
+        lora_targets=targets if targets == "all-linear" else tuple(targets), trainable=m["trainable"],
+        eager_attention=m.get("attn_implementation") == "eager")
+    result = plan.memory_plan(lm, vision, connector, settings, args.gpu_memory)
+    print(f"{path}: LM {sources['lm']}, vision {sources['clip']} ({vision.image_tokens} tokens per image, "
+          "counted in data.max_length)")
+    print(plan.describe(result, args.samples))
+    options = [] if result.fits else plan.suggestions(lm, vision, connector, settings, args.gpu_memory)
+    if not result.fits and not options:
+        print("  no setting the plan knows (checkpointing, ZeRO-3, qlora, offload, a smaller micro batch) fits")
+    for option in options:
+        print(f"  fits with {' '.join(plan.overrides(settings, option.settings))} "
+              f"({option.gpu_total / plan.GIB:.1f} GiB)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmpeft", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,7 +137,17 @@ def main(argv: list[str] | None = None) -> int:
                               "CLIP ViT-L/14, Stable Diffusion 2.1 and 1.5), print the folders")
     sub.add_argument("--cache", help="default $MMPEFT_CACHE or ~/.cache/mmpeft; folders go to CACHE/standins/")
     sub.add_argument("--full-size", action="store_true", help="keep the real depth and width (about 50 GB)")
+    sub = commands.add_parser("plan", help="a recipe config's memory per GPU, before anything loads")
+    sub.add_argument("config", help="a YAML file, or the name of a shipped config (e.g. llava_finetune_7b)")
+    sub.add_argument("overrides", nargs="*", help="dotted.key=value, as the recipes take them")
+    sub.add_argument("--gpus", type=int, default=1)
+    sub.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU (80 for an 80 GB A100 or H100)")
+    sub.add_argument("--lm-config", help="the LM's config.json or folder, in place of the config's source")
+    sub.add_argument("--clip-config", help="CLIP's config.json or folder, in place of the config's source")
+    sub.add_argument("--samples", type=int, help="training samples, for the steps per epoch")
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "standins":
         from mmpeft.standins.build import build_standins, standin_root
 
