@@ -31,15 +31,32 @@ def merged(model):
     return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
+def published_dtype(source: str):
+    """The dtype an LM's `config.json` names (OPT-6.7B's and Vicuna's float16), float32 when
+    it names none."""
+    import torch
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(source), "dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+
+
 def export_merged_lm(folder: str | Path, out: str | Path, lm: str | None, heads_file: str) -> dict:
     """The export of a family whose trained parts are an LM and heads beside it (GILL,
-    General-GPT): the merged LM as a plain causal-LM folder (new token rows merged), the
+    General-GPT): the merged LM as a plain causal-LM folder (new token rows merged) in its
+    base's published dtype (a 6.7B OPT is merged at 13 GB, not as a float32 copy), the
     tokenizer and the run's `heads_file`; returns the run's settings."""
     import shutil
 
     from mmpeft.loading import load
 
-    loaded = load(folder, lm=lm)
+    settings = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    if settings.get("qlora"):  # merged as the family's loader sets up a QLoRA run
+        loaded = load(folder, lm=lm)
+    else:
+        family = family_of(settings.get("recipe", ""), Path(folder) / CONFIG_FILE)
+        dtype = published_dtype(lm or settings["sources"]["lm"])
+        loaded = family.load(Path(folder), lm, None, None, base_kwargs={"weights_only": True, "dtype": dtype})
     merged(loaded.model.lm).save_pretrained(out)
     loaded.processor.save_pretrained(out)
     shutil.copy(Path(folder) / heads_file, Path(out) / heads_file)
