@@ -25,8 +25,10 @@ class Toy(nn.Module):
     def forward(self, x, y, **_):
         return {"loss": (self.net(x.to(self.net[0].weight.dtype)).float().squeeze(-1) - y).pow(2).mean()}
 
-data = [{"x": torch.randn(8), "y": torch.tensor(float(k % 3))} for k in range(16)]
-cfg = TrainConfig(output_dir=sys.argv[2], max_steps=3, micro_batch_size=4, lr=1e-2, warmup_ratio=0.0,
+gen = torch.Generator().manual_seed(1)  # the same data in every process
+# one target for every sample: each step's batch differs, but every step moves towards it
+data = [{"x": torch.randn(8, generator=gen), "y": torch.tensor(2.0)} for k in range(16)]
+cfg = TrainConfig(output_dir=sys.argv[2], max_steps=3, micro_batch_size=4, lr=3e-2, warmup_ratio=0.0,
                   ds_config=sys.argv[1], bf16=True, log_steps=1)
 history = train(Toy(), data, lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}, cfg,
                 forward=lambda engine, batch: engine(**batch), export=lambda folder, is_main: None,
