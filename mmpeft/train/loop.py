@@ -29,9 +29,16 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from mmpeft.train.collectives import all_reduce
+from mmpeft.train.resume import (
+    STATE_FILE,
+    check_resume_world,
+    complete_checkpoints,
+    latest_checkpoint,
+    resume_position,
+    rng_states,
+    set_rng_states,
+)
 from mmpeft.train.sampler import GroupedBatchSampler
-
-STATE_FILE = "trainer_state.json"
 
 
 @dataclass
@@ -201,19 +208,6 @@ def _optimizer_and_schedule(model: torch.nn.Module, cfg: TrainConfig, offload: b
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder, or None."""
-    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / STATE_FILE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def _resume_position(step: int, grad_accum: int, per_epoch: int) -> tuple[int, int]:
-    """After `step` optimizer steps: the sampler's epoch and how many of that epoch's micro-batches
-    this rank has already trained on (`per_epoch`: its micro-batches per epoch)."""
-    micro_done = step * grad_accum
-    return micro_done // per_epoch, micro_done % per_epoch
-
-
 def _tokens_per_micro_batch(micro: list[dict], world: int, device: torch.device) -> torch.Tensor | None:
     """Label tokens of the whole step (every micro-batch on every rank) over the number of
     micro-batches. A causal LM's loss divided by this, rather than by its own micro-batch's
@@ -291,7 +285,7 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
         step, history = state["step"], state["history"]
         set_rng_states(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=True))
         log(f"resumed from {ckpt} at step {step}")
-    epoch, skip = _resume_position(step, cfg.grad_accum, per_epoch)
+    epoch, skip = resume_position(step, cfg.grad_accum, per_epoch)
     sampler.set_epoch(epoch, skip)
     batches = iter(loader)
     if rank == 0 and sampler.repeated:
@@ -357,40 +351,6 @@ def export_trained(engine, folder: Path, is_main: bool, export: Callable[[Path, 
         dist.barrier()
 
 
-def rng_states() -> dict:
-    """This rank's random states: the CPU's and, on an accelerator, its device's (dropout
-    masks on a GPU come from the device's generator, not the CPU's)."""
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    device = accelerator.get_rng_state() if accelerator.device_name() != "cpu" else None
-    return {"cpu": torch.get_rng_state(), "device": device, "device_name": accelerator.device_name()}
-
-
-def set_rng_states(saved) -> None:
-    """Restore `rng_states()` (a bare tensor: a checkpoint from before device states were kept)."""
-    from deepspeed.accelerator import get_accelerator
-
-    if torch.is_tensor(saved):
-        torch.set_rng_state(saved)
-        return
-    torch.set_rng_state(saved["cpu"])
-    accelerator = get_accelerator()
-    if saved.get("device") is not None and accelerator.device_name() == saved.get("device_name"):
-        accelerator.set_rng_state(saved["device"])
-
-
-def check_resume_world(ckpt: Path, world: int) -> None:
-    """Stop before loading a checkpoint that another number of ranks saved: its optimizer
-    shards, data positions and random states are per rank, so only the same count resumes
-    it exactly. Says which count does."""
-    state = json.loads((ckpt / STATE_FILE).read_text())
-    saved = state.get("world_size", len(list(ckpt.glob("rng_rank*.pt"))))
-    if saved != world:
-        raise ValueError(f"{ckpt} was saved by {saved} rank(s) and this run has {world}: resume it with {saved} "
-                         f"(e.g. deepspeed --num_gpus {saved} ...), or start a new run from its weights")
-
-
 def _save_checkpoint(engine, folder: Path, step: int, history: list[dict], rank: int, export, cfg: TrainConfig):
     engine.save_checkpoint(str(folder / "ds"), tag="state", exclude_frozen_parameters=True)
     torch.save(rng_states(), folder / f"rng_rank{rank}.pt")
@@ -399,8 +359,7 @@ def _save_checkpoint(engine, folder: Path, step: int, history: list[dict], rank:
         world = dist.get_world_size() if dist.is_initialized() else 1
         (folder / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "config": asdict(cfg),
                                                      "world_size": world}, indent=1) + "\n")
-        done = sorted((p for p in folder.parent.glob("checkpoint-*") if (p / STATE_FILE).exists()),
-                      key=lambda p: int(p.name.split("-")[1]))
+        done = complete_checkpoints(folder.parent)
         for old in done[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
             shutil.rmtree(old)
     if dist.is_initialized():

@@ -7,17 +7,15 @@ import torch
 from torch import nn
 
 from mmpeft.train.loop import (
-    STATE_FILE,
     TrainConfig,
     _mean_over_ranks,
     _optimizer_and_schedule,
-    _resume_position,
     _schedule,
     _tokens_per_micro_batch,
     deepspeed_config,
-    latest_checkpoint,
     param_groups,
 )
+from mmpeft.train.resume import STATE_FILE, latest_checkpoint, resume_position
 from mmpeft.train.sampler import GroupedBatchSampler
 
 CPU = torch.device("cpu")
@@ -332,7 +330,7 @@ def test_a_resumed_run_sees_the_micro_batches_an_uninterrupted_run_would():
     assert per_epoch == 6 and all(len(s) == per_epoch for s in stream)
     flat = [mb for epoch in stream for mb in epoch]
     for step in range(3 * per_epoch // accum):
-        sampler.set_epoch(*_resume_position(step, accum, per_epoch))
+        sampler.set_epoch(*resume_position(step, accum, per_epoch))
         rest, start = list(sampler), step * accum  # the rest of the epoch from the first micro-batch not trained on
         assert rest == flat[start:start + len(rest)] and len(rest) == per_epoch - start % per_epoch, step
 
@@ -346,7 +344,7 @@ def test_adam_betas_reach_the_optimizer_and_bad_ones_are_refused():
 
 
 def test_random_states_round_trip_and_old_checkpoints_still_load():
-    from mmpeft.train.loop import rng_states, set_rng_states
+    from mmpeft.train.resume import rng_states, set_rng_states
 
     torch.manual_seed(3)
     saved = rng_states()
@@ -359,7 +357,7 @@ def test_random_states_round_trip_and_old_checkpoints_still_load():
 
 
 def test_a_checkpoint_resumes_only_on_the_rank_count_that_saved_it(tmp_path):
-    from mmpeft.train.loop import STATE_FILE, check_resume_world
+    from mmpeft.train.resume import check_resume_world
 
     (tmp_path / STATE_FILE).write_text(json.dumps({"step": 4, "history": [], "world_size": 8}))
     check_resume_world(tmp_path, 8)
