@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from mmpeft.families import CONFIG_FILE
 from mmpeft.gill.model import GILL, DecisionHead, GillWeights, ImageInput, RetrievalHead, gill_parts
-from mmpeft.llava.checkpoint import quantized_like
+from mmpeft.llava.checkpoint import lm_load_kwargs
 from mmpeft.minigpt5.model import VokenMapper
 from mmpeft.models.quant import keep_cpu_4bit_working
 from mmpeft.models.tokens import add_tokens
@@ -67,9 +67,7 @@ def load_gill(folder: str | Path, lm_source: str | None = None, base_kwargs: dic
                                 f"{HEADS_FILE})")
     settings = json.loads((folder / CONFIG_FILE).read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    kwargs = quantized_like(settings, dict(base_kwargs or {}))  # a QLoRA run: 4 bits, its compute dtype
-    kwargs.setdefault("dtype", dtype)
-    dtype = kwargs["dtype"]
+    kwargs, dtype = lm_load_kwargs(settings, base_kwargs or {}, dtype)  # a QLoRA run: 4 bits, its compute dtype
     lm = AutoModelForCausalLM.from_pretrained(lm_source or settings["sources"]["lm"], **kwargs)
     keep_cpu_4bit_working(lm)
     model = build_gill(lm, tokenizer, **settings["build"])

@@ -88,6 +88,15 @@ def quantized_like(settings: dict, load_kwargs: dict, skip_modules: list[str] | 
     return {"dtype": dtype, **load_kwargs, "quantization_config": nf4_config(dtype, skip_modules)}
 
 
+def lm_load_kwargs(settings: dict, load_kwargs: dict, dtype) -> tuple[dict, object]:
+    """`quantized_like(settings, load_kwargs)` with `dtype` wherever neither the caller nor a
+    QLoRA run (its compute dtype) names one, and the dtype the run's other parts must then
+    load in to match the LM."""
+    kwargs = quantized_like(settings, dict(load_kwargs))
+    kwargs.setdefault("dtype", dtype)
+    return kwargs, kwargs["dtype"]
+
+
 def _released_base(settings: dict, lm_source: str | None, clip_source: str | None, base_kwargs: dict,
                    load_kwargs: dict):
     """The released LLaVA a run started from (`init_from`), or a local copy of it."""

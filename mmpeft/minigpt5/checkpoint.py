@@ -19,7 +19,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from mmpeft.families import CONFIG_FILE
-from mmpeft.llava.checkpoint import quantized_like, save_llava
+from mmpeft.llava.checkpoint import lm_load_kwargs, save_llava
 from mmpeft.llava.model import build_llava
 from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, scheduler_prediction_type
 from mmpeft.models.quant import keep_cpu_4bit_working
@@ -134,10 +134,10 @@ def load_minigpt5(folder: str | Path, lm_source: str | None = None, clip_source:
     """Rebuild a trained MiniGPT-5 from an output or checkpoint folder in one call; returns
     `(model, processor, pipeline, settings)` with the model in eval mode. Base models come
     from the recorded sources unless a local copy is given; `base_kwargs` go to the LM's
-    and CLIP's `from_pretrained` (its `use_safetensors` to the pipeline's too). Every part
-    is in `dtype`, not in the dtype each base was published in (Vicuna's float16 next to
-    CLIP's and Stable Diffusion's float32): the LM's hidden states feed the mapper, the
-    mapper's output the UNet; a QLoRA run's parts are in the compute dtype it trained with.
+    and CLIP's `from_pretrained`. Every part is in `dtype`, not in the dtype each base was
+    published in (Vicuna's float16 next to CLIP's and Stable Diffusion's float32): the LM's
+    hidden states feed the mapper, the mapper's output the UNet; a QLoRA run's parts are in
+    the compute dtype it trained with.
     A Stable Diffusion whose scheduler predicts another target than the run recorded
     (`prediction_type`) is an error: the mapper learned to condition that target."""
     from transformers import AutoModelForCausalLM, CLIPModel, LlavaProcessor
@@ -152,15 +152,12 @@ def load_minigpt5(folder: str | Path, lm_source: str | None = None, clip_source:
     src = settings["sources"]
     processor = LlavaProcessor.from_pretrained(folder)
     base_kwargs = base_kwargs or {}
-    lm_kwargs = quantized_like(settings, {})  # a QLoRA run: 4 bits, its compute dtype
-    dtype = lm_kwargs.setdefault("dtype", dtype)
+    lm_kwargs, dtype = lm_load_kwargs(settings, {}, dtype)  # a QLoRA run: 4 bits, its compute dtype
     lm = AutoModelForCausalLM.from_pretrained(lm_source or src["lm"], **base_kwargs, **lm_kwargs)
     keep_cpu_4bit_working(lm)
     vision = CLIPModel.from_pretrained(clip_source or src["clip"], **base_kwargs, dtype=dtype).vision_model
-    safetensors = {k: v for k, v in base_kwargs.items() if k == "use_safetensors"}
     pipeline = stable_diffusion_pipeline_class().from_pretrained(
-        diffusion_source or src["diffusion"], safety_checker=None, requires_safety_checker=False, dtype=dtype,
-        **safetensors)
+        diffusion_source or src["diffusion"], safety_checker=None, requires_safety_checker=False, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     noise_scheduler = training_scheduler(pipeline)
     recorded, found = settings.get("prediction_type"), scheduler_prediction_type(noise_scheduler)

@@ -125,7 +125,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "bf16.enabled": (cfg.bf16, f"training.bf16 is {json.dumps(cfg.bf16)}"),
         "fp16.enabled": (cfg.fp16, f"training.fp16 is {json.dumps(cfg.fp16)}"),
     }
-    problems = ["training.bf16 and training.fp16 are both true; choose one"] if cfg.bf16 and cfg.fp16 else []
+    problems = [p for p in [_precision_problem(cfg.bf16, cfg.fp16)] if p]
     for name, (value, setting) in owned.items():
         *section, key = name.split(".")
         where = base.setdefault(section[0], {}) if section else base
@@ -177,11 +177,16 @@ def _schedule(cfg: TrainConfig):
     return factor
 
 
+def _precision_problem(bf16, fp16) -> str | None:
+    return "training.bf16 and training.fp16 are both true; choose one" if bf16 and fp16 else None
+
+
 def training_dtype(training: dict) -> torch.dtype:
     """The dtype a recipe loads its models in for the `training:` settings it is given:
     bfloat16 with `bf16`, float16 with `fp16`, else float32."""
-    if training.get("bf16") and training.get("fp16"):
-        raise ValueError("training.bf16 and training.fp16 are both true; choose one")
+    problem = _precision_problem(training.get("bf16"), training.get("fp16"))
+    if problem:
+        raise ValueError(problem)
     return torch.bfloat16 if training.get("bf16") else torch.float16 if training.get("fp16") else torch.float32
 
 
