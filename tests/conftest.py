@@ -2,8 +2,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -54,3 +56,42 @@ def two_ranks(tmp_path):
         return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def run_shipped_config():
+    """A function that runs `recipes/SCRIPT --config recipes/configs/CONFIG OVERRIDES...` from
+    the repository root as a user launches it (offline, one thread) and returns its stdout;
+    a non-zero exit fails the test with the tail of both streams."""
+    root = Path(__file__).resolve().parents[1]
+
+    def run(script: str, config: str, *overrides: str, timeout: int = 600) -> str:
+        cmd = [sys.executable, f"recipes/{script}", "--config", f"recipes/configs/{config}", *overrides]
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def released_projector_factory(tmp_path_factory):
+    """A function that writes a folder laid out as LLaVA-1.5's released stage 1
+    (`mm_projector.bin` under LLaVA's own names, seeded random values) sized for the CLIP and
+    LM folders given, and returns `(folder, state)`."""
+
+    def write(clip: Path, lm: Path, name: str):
+        vision = json.loads((clip / "config.json").read_text())["vision_config"]["hidden_size"]
+        hidden = json.loads((lm / "config.json").read_text())["hidden_size"]
+        gen = torch.Generator().manual_seed(5)
+        state = {"model.mm_projector.0.weight": torch.randn(hidden, vision, generator=gen),
+                 "model.mm_projector.0.bias": torch.randn(hidden, generator=gen),
+                 "model.mm_projector.2.weight": torch.randn(hidden, hidden, generator=gen),
+                 "model.mm_projector.2.bias": torch.randn(hidden, generator=gen)}
+        folder = tmp_path_factory.mktemp("released") / name
+        folder.mkdir()
+        torch.save(state, folder / "mm_projector.bin")
+        return folder, state
+
+    return write

@@ -40,20 +40,9 @@ def _history(folder):
 
 
 @pytest.fixture(scope="module")
-def released_projector(small_zoo, tmp_path_factory):
-    """A folder laid out as LLaVA's released stage 1 (`mm_projector.bin`, LLaVA's own names),
-    sized for the small zoo's CLIP and LM."""
-    vision = json.loads((small_zoo[0] / "clip" / "config.json").read_text())["vision_config"]["hidden_size"]
-    hidden = json.loads((small_zoo[0] / "lm" / "config.json").read_text())["hidden_size"]
-    gen = torch.Generator().manual_seed(5)
-    state = {"model.mm_projector.0.weight": torch.randn(hidden, vision, generator=gen),
-             "model.mm_projector.0.bias": torch.randn(hidden, generator=gen),
-             "model.mm_projector.2.weight": torch.randn(hidden, hidden, generator=gen),
-             "model.mm_projector.2.bias": torch.randn(hidden, generator=gen)}
-    folder = tmp_path_factory.mktemp("released") / "llava-v1.5-pretrain"
-    folder.mkdir()
-    torch.save(state, folder / "mm_projector.bin")
-    return folder, state
+def released_projector(small_zoo, released_projector_factory):
+    """LLaVA's released stage 1 (`mm_projector.bin`) sized for the small zoo's CLIP and LM."""
+    return released_projector_factory(small_zoo[0] / "clip", small_zoo[0] / "lm", "llava-v1.5-pretrain")
 
 
 @pytest.fixture(scope="module")

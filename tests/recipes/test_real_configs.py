@@ -10,10 +10,6 @@ stage-1 connector, which on a cluster are the YAML's relative paths.
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +21,6 @@ import mmpeft
 from mmpeft.export import export_run
 from mmpeft.standins.build import build_standins
 
-ROOT = Path(__file__).resolve().parents[2]
 # CPU only: two steps, two samples a step (not 32 / 16 per GPU), one thread, every step logged
 OVERRIDES = ("training.max_steps=2", "training.micro_batch_size=2", "threads=1", "training.log_steps=1")
 RUN_FILES = {"connector.safetensors", "mmpeft_config.json", "processor_config.json", "tokenizer.json",
@@ -53,34 +48,28 @@ def pretrain_data(small_world, tmp_path_factory):
     return path
 
 
-def _run(script, config, *overrides):
-    cmd = [sys.executable, f"recipes/{script}", "--config", f"recipes/configs/{config}", *overrides, *OVERRIDES]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
 def _losses(out):
     return [h["loss"] for h in json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["history"]]
 
 
 @pytest.fixture(scope="module")
-def stage1(standins, pretrain_data, small_world, tmp_path_factory):
+def stage1(run_shipped_config, standins, pretrain_data, small_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "llava-1.5-7b-pretrain"
-    stdout = _run("llava_pretrain.py", "llava_pretrain_7b.yaml", f"model.lm_path={standins['lm']}",
-                  f"model.clip_path={standins['clip']}", f"data.train.path={pretrain_data}",
-                  f"data.train.image_folder={small_world / 'coco'}", f"training.output_dir={out}")
+    stdout = run_shipped_config("llava_pretrain.py", "llava_pretrain_7b.yaml", f"model.lm_path={standins['lm']}",
+                                f"model.clip_path={standins['clip']}", f"data.train.path={pretrain_data}",
+                                f"data.train.image_folder={small_world / 'coco'}", f"training.output_dir={out}",
+                                *OVERRIDES)
     return out, stdout
 
 
 @pytest.fixture(scope="module")
-def stage2(standins, stage1, small_world):
+def stage2(run_shipped_config, standins, stage1, small_world):
     out = stage1[0].parent / "llava-1.5-7b-lora"
-    stdout = _run("llava_finetune.py", "llava_finetune_7b.yaml", f"model.lm_path={standins['lm']}",
-                  f"model.clip_path={standins['clip']}", f"model.init_connector={stage1[0]}",
-                  f"data.train.path={small_world / 'llava/train.json'}",
-                  f"data.train.image_folder={small_world / 'coco'}", f"training.output_dir={out}")
+    stdout = run_shipped_config("llava_finetune.py", "llava_finetune_7b.yaml", f"model.lm_path={standins['lm']}",
+                                f"model.clip_path={standins['clip']}", f"model.init_connector={stage1[0]}",
+                                f"data.train.path={small_world / 'llava/train.json'}",
+                                f"data.train.image_folder={small_world / 'coco'}", f"training.output_dir={out}",
+                                *OVERRIDES)
     return out, stdout
 
 
@@ -152,11 +141,13 @@ def test_finetune_7b_config_trains_lora_r128_reloads_and_exports_a_native_llava(
     assert len(greedy) == 4 and served[0]["generated_text"].strip() == ours.strip() != ""
 
 
-def test_from_llava15_config_starts_from_the_llava_hf_standin(standins, small_world, tmp_path):
+def test_from_llava15_config_starts_from_the_llava_hf_standin(run_shipped_config, standins, small_world, tmp_path):
     out = tmp_path / "from-llava-hf"
-    stdout = _run("llava_finetune.py", "llava_finetune_from_llava15_7b.yaml", f"model.init_from={standins['llava']}",
-                  f"data.train.path={small_world / 'llava/train.json'}",
-                  f"data.train.image_folder={small_world / 'coco'}", f"training.output_dir={out}")
+    stdout = run_shipped_config("llava_finetune.py", "llava_finetune_from_llava15_7b.yaml",
+                                f"model.init_from={standins['llava']}",
+                                f"data.train.path={small_world / 'llava/train.json'}",
+                                f"data.train.image_folder={small_world / 'coco'}", f"training.output_dir={out}",
+                                *OVERRIDES)
     assert f"model: from {standins['llava']}, its image token '<image>' and vision_feature_layer -2" in stdout
     assert all(abs(loss - UNIFORM_LOSS) < 0.5 for loss in _losses(out))
     loaded = mmpeft.load(out)

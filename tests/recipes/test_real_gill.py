@@ -7,10 +7,6 @@ optimizer) except `OVERRIDES` and the paths."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +16,6 @@ import mmpeft
 from mmpeft.export import export_run
 from mmpeft.standins.build import build_standins
 
-ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = ("training.max_steps=2", "training.micro_batch_size=2", "threads=1", "training.log_steps=1",
              "eval.decision.steps=20")
 UNIFORM_LOSS = math.log(50274)  # random stand-in: about a uniform guess over OPT's rows and the new ones
@@ -32,22 +27,19 @@ def standins(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(standins, small_world, tmp_path_factory):
+def run(run_shipped_config, standins, small_world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gill_opt")
     prompts = {"train": tmp / "decision_train.jsonl", "test": tmp / "decision_test.tsv"}
     rows = [("a photo of a red circle", "retrieve"), ("a dragon reading a newspaper on the moon", "generate")] * 4
     prompts["train"].write_text("".join(json.dumps({"prompt": p, "decision": d}) + "\n" for p, d in rows))
     prompts["test"].write_text("Prompt\tCategory\tDecision\n" + "".join(f"{p}\tx\t{d}\n" for p, d in rows[:2]))
     out = tmp / "gill-opt-6.7b"
-    cmd = [sys.executable, "recipes/gill.py", "--config", "recipes/configs/gill_opt.yaml",
-           f"model.lm_path={standins['opt']}", f"model.clip_path={standins['clip224']}",
-           f"model.diffusion_path={standins['sd15']}", f"data.train.path={small_world / 'wds/train/*.tar'}",
-           f"data.target_cache={tmp / 'targets'}", f"eval.decision.train={prompts['train']}",
-           f"eval.decision.test={prompts['test']}", f"training.output_dir={out}", *OVERRIDES]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    stdout = run_shipped_config(
+        "gill.py", "gill_opt.yaml", f"model.lm_path={standins['opt']}", f"model.clip_path={standins['clip224']}",
+        f"model.diffusion_path={standins['sd15']}", f"data.train.path={small_world / 'wds/train/*.tar'}",
+        f"data.target_cache={tmp / 'targets'}", f"eval.decision.train={prompts['train']}",
+        f"eval.decision.test={prompts['test']}", f"training.output_dir={out}", *OVERRIDES, timeout=900)
+    return out, stdout
 
 
 def test_gill_opt_config_trains_on_the_opt_standin(run):

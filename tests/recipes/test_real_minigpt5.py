@@ -16,9 +16,6 @@ the target cache, the output folders, `model.init_connector` (a folder with LLaV
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,7 +32,6 @@ from mmpeft.data.templates import chat_template
 from mmpeft.minigpt5.model import VokenMapper
 from mmpeft.standins.build import STANDINS, build_standins
 
-ROOT = Path(__file__).resolve().parents[2]
 # CPU only: two steps, two samples a step (not 24 / 6 per GPU), one thread, every step logged
 OVERRIDES = ("training.max_steps=2", "training.micro_batch_size=2", "threads=1", "training.log_steps=1")
 EVAL = ("eval.sampling_steps=2",)
@@ -61,55 +57,37 @@ def standins(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def released_projector(standins, tmp_path_factory):
-    """A folder laid out as LLaVA-1.5's released stage 1 (`mm_projector.bin` under LLaVA's own
-    names), sized for the CLIP and Vicuna stand-ins."""
-    vision = json.loads((standins["clip"] / "config.json").read_text())["vision_config"]["hidden_size"]
-    hidden = json.loads((standins["lm"] / "config.json").read_text())["hidden_size"]
-    gen = torch.Generator().manual_seed(5)
-    state = {"model.mm_projector.0.weight": torch.randn(hidden, vision, generator=gen),
-             "model.mm_projector.0.bias": torch.randn(hidden, generator=gen),
-             "model.mm_projector.2.weight": torch.randn(hidden, hidden, generator=gen),
-             "model.mm_projector.2.bias": torch.randn(hidden, generator=gen)}
-    folder = tmp_path_factory.mktemp("released") / "llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5"
-    folder.mkdir()
-    torch.save(state, folder / "mm_projector.bin")
-    return folder, state
+def released_projector(standins, released_projector_factory):
+    """LLaVA-1.5's released stage 1 (`mm_projector.bin`) sized for the CLIP and Vicuna stand-ins."""
+    return released_projector_factory(standins["clip"], standins["lm"],
+                                      "llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5")
 
 
-def _run(script, config, *overrides):
-    cmd = [sys.executable, f"recipes/{script}", "--config", f"recipes/configs/{config}", *overrides, *OVERRIDES]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-def _stage1(standins, small_world, released_projector, out, diffusion, shards):
-    return _run("minigpt5_stage1.py", "minigpt5_stage1_vicuna.yaml", f"model.lm_path={standins['lm']}",
+def _stage1(run, standins, small_world, released_projector, out, diffusion, shards):
+    return run("minigpt5_stage1.py", "minigpt5_stage1_vicuna.yaml", f"model.lm_path={standins['lm']}",
                 f"model.clip_path={standins['clip']}", f"model.diffusion_path={standins[diffusion]}",
                 f"model.init_connector={released_projector[0]}",
                 f"data.train.path={small_world / 'wds/train' / shards}", f"data.target_cache={out.parent / 'targets'}",
-                f"training.output_dir={out}")
+                f"training.output_dir={out}", *OVERRIDES)
 
 
 @pytest.fixture(scope="module")
-def stage1(standins, small_world, released_projector, tmp_path_factory):
+def stage1(run_shipped_config, standins, small_world, released_projector, tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "minigpt5-vicuna-7b-stage1"
-    return out, _stage1(standins, small_world, released_projector, out, "sd21_base", "*.tar")
+    return out, _stage1(run_shipped_config, standins, small_world, released_projector, out, "sd21_base", "*.tar")
 
 
 @pytest.fixture(scope="module")
-def stage2(standins, small_world, stage1):
+def stage2(run_shipped_config, standins, small_world, stage1):
     out = stage1[0].parent / "minigpt5-vicuna-7b-stage2"
     vist = small_world / "vist"
-    stdout = _run("minigpt5_stage2.py", "minigpt5_stage2_vicuna.yaml", f"model.lm_path={standins['lm']}",
+    stdout = run_shipped_config("minigpt5_stage2.py", "minigpt5_stage2_vicuna.yaml", f"model.lm_path={standins['lm']}",
                   f"model.clip_path={standins['clip']}", f"model.diffusion_path={standins['sd21_base']}",
                   f"model.init_from={stage1[0]}", f"data.train.path={vist / 'sis/train.story-in-sequence.json'}",
                   f"data.train.image_folder={vist / 'images/train'}",
                   f"eval.stories={vist / 'sis/test.story-in-sequence.json'}",
                   f"eval.image_folder={vist / 'images/test'}", f"data.target_cache={stage1[0].parent / 'targets'}",
-                  f"training.output_dir={out}", *EVAL)
+                  f"training.output_dir={out}", *EVAL, *OVERRIDES)
     return out, stdout
 
 
@@ -294,9 +272,10 @@ def test_stage2_reloads_in_one_call_with_the_outputs_its_files_imply(stage2, sta
     _reload_gives_the_implied_outputs(out, standins, ids, pixels)
 
 
-def test_stage1_on_sd21_at_768_px_regresses_the_velocity(standins, small_world, released_projector, tmp_path):
+def test_stage1_on_sd21_at_768_px_regresses_the_velocity(run_shipped_config, standins, small_world,
+                                                         released_projector, tmp_path):
     out = tmp_path / "minigpt5-vicuna-7b-stage1-sd21-v"
-    stdout = _stage1(standins, small_world, released_projector, out, "sd21_v", "00000.tar")
+    stdout = _stage1(run_shipped_config, standins, small_world, released_projector, out, "sd21_v", "00000.tar")
     assert (f"diffusion: {standins['sd21_v']} at 768 px; the loss regresses the velocity "
             "(prediction_type v_prediction)") in stdout
     assert "data: 16 caption pairs" in stdout and "no record skipped" in stdout
