@@ -30,7 +30,7 @@ from mmpeft.gill import decision
 from mmpeft.gill import evaluation as ev
 from mmpeft.gill.checkpoint import build_gill, load_gill, save_gill
 from mmpeft.gill.data import ClipEmbeddings, GillDataset, collate_gill
-from mmpeft.gill.model import renormalise_token_rows
+from mmpeft.gill.model import TokenRowRenormaliser
 from mmpeft.gill.retrieval_index import RetrievalIndex
 from mmpeft.hub import push
 from mmpeft.llava.model import load_base_models
@@ -96,8 +96,10 @@ def main(argv=None):
                 "sources": {"lm": preset.lm, "clip": preset.clip, "diffusion": preset.diffusion},
                 "build": build, "qlora": m["qlora"], "config": cfg}
 
+    renormaliser = TokenRowRenormaliser(model.lm)
+
     def renormalise(engine):  # GILL's: the [IMG] rows back to the vocabulary's mean norm after each step
-        renormalise_token_rows(model.lm, zero3=engine.zero_optimization_stage() == 3)
+        renormaliser(zero3=engine.zero_optimization_stage() == 3)
 
     def export(folder, is_main):
         if is_main:

@@ -174,31 +174,43 @@ class GILL(nn.Module):
         return self.decision(at_img0)
 
 
-@torch.no_grad()
-def renormalise_token_rows(lm, zero3: bool = False) -> None:
+class TokenRowRenormaliser:
     """GILL's step after every optimizer step: each trained token row of the LM's input
     embeddings (the `[IMG]` rows, PEFT trainable tokens) rescaled to the mean norm of the
     rows of the tokens before them, the base vocabulary's. With tied embeddings the output
     head reads the same rows. Under bf16 or ZeRO the optimizer keeps its own float32 copy
     of the rows, which the next step starts from: it is rescaled too, or the step would
-    undo the renormalisation. `zero3`: the rows are partitioned and gathered here."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    undo the renormalisation. The base rows are frozen, so their mean norm is measured on
+    the first call (in the dtype training runs in) and kept: later steps touch (and under
+    ZeRO-3 gather) only the trained rows."""
 
-    embedding = lm.get_input_embeddings()
-    layer = getattr(embedding, "token_adapter", embedding)  # under LoRA, PEFT wraps the layer
-    if not hasattr(layer, "trainable_tokens_delta"):
-        raise TypeError(f"the LM's input embeddings ({type(embedding).__name__}) have no trainable token rows")
-    base, deltas = layer.base_layer.weight, layer.trainable_tokens_delta
-    with deepspeed.zero.GatheredParameters([base, *deltas.values()], modifier_rank=0, enabled=zero3):
-        for name, rows in deltas.items():
-            target = base[:min(layer.token_indices[name])].float().norm(dim=-1).mean()
-            master = safe_get_full_fp32_param(rows)  # None when the optimizer steps the rows themselves
-            source = rows.float() if master is None else master.float()
-            rescaled = source * (target / source.norm(dim=-1, keepdim=True))
-            if master is not None:
-                safe_set_full_fp32_param(rows, rescaled.to(master.dtype))
-            rows.copy_(rescaled.to(rows.dtype))
+    def __init__(self, lm):
+        embedding = lm.get_input_embeddings()
+        self.layer = getattr(embedding, "token_adapter", embedding)  # under LoRA, PEFT wraps the layer
+        if not hasattr(self.layer, "trainable_tokens_delta"):
+            raise TypeError(f"the LM's input embeddings ({type(embedding).__name__}) have no trainable token rows")
+        self.targets: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, zero3: bool = False) -> None:
+        """Rescale the rows now; `zero3`: they are partitioned and gathered here."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        layer, deltas = self.layer, self.layer.trainable_tokens_delta
+        gathered = [*deltas.values()] + ([] if self.targets else [layer.base_layer.weight])
+        with deepspeed.zero.GatheredParameters(gathered, modifier_rank=0, enabled=zero3):
+            for name, rows in deltas.items():
+                if name not in self.targets:
+                    base = layer.base_layer.weight[:min(layer.token_indices[name])]
+                    self.targets[name] = base.float().norm(dim=-1).mean()
+                target = self.targets[name]
+                master = safe_get_full_fp32_param(rows)  # None when the optimizer steps the rows themselves
+                source = rows.float() if master is None else master.float()
+                rescaled = source * (target / source.norm(dim=-1, keepdim=True))
+                if master is not None:
+                    safe_set_full_fp32_param(rows, rescaled.to(master.dtype))
+                rows.copy_(rescaled.to(rows.dtype))
 
 
 def gill_parts(model: GILL) -> dict[str, nn.Module]:

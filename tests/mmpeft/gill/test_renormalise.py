@@ -12,7 +12,7 @@ _SCRIPT = """
 import json, sys, torch, deepspeed
 from deepspeed.utils import safe_get_full_fp32_param
 from transformers import OPTConfig, OPTForCausalLM
-from mmpeft.gill.model import renormalise_token_rows
+from mmpeft.gill.model import TokenRowRenormaliser
 from mmpeft.models.trainable import apply_trainability
 from mmpeft.train.loop import setup_distributed
 
@@ -26,13 +26,14 @@ optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], l
 engine, *_ = deepspeed.initialize(model=lm, optimizer=optimizer, config={
     "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}})
 x = torch.tensor([[1, 60, 61, 5]])
+renormalise = TokenRowRenormaliser(lm)
 norms = []
 for _ in range(2):
     loss = engine(input_ids=x, labels=x).loss
     engine.backward(loss)
     engine.step()
     if sys.argv[1] == "renormalise":
-        renormalise_token_rows(lm)
+        renormalise()
     rows = lm.get_input_embeddings().trainable_tokens_delta["default"]
     norms.append({"master": safe_get_full_fp32_param(rows).norm(dim=-1).tolist(),
                   "rows": rows.float().norm(dim=-1).tolist()})
