@@ -11,6 +11,8 @@ Writes `--output` (LLaVA JSON the LLaVA recipes read), `<output>.provenance.json
 backend, prompt version, sampling and seed of each record) and, in `<output>.work/`,
 `accepted.jsonl` and `rejected.jsonl` (every rejected reply with its reason). Results are
 stored as they arrive: after a crash or kill, the same command continues where it stopped.
+A server that stops answering is waited for, with backoff, up to `--max-outage` seconds;
+then the run stops (exit status 1) and the same command continues where it stopped.
 """
 
 import argparse
@@ -32,7 +34,7 @@ from mmpeft.instruct.backends import (
 )
 from mmpeft.instruct.context import read_coco_contexts, read_jsonl_contexts
 from mmpeft.instruct.prompts import TASKS, detail_questions, load_prompt
-from mmpeft.instruct.run import generate, llava_record, plan_jobs, write_outputs
+from mmpeft.instruct.run import ServerUnreachable, generate, llava_record, plan_jobs, write_outputs
 from mmpeft.instruct.store import ResultStore
 
 HERE = Path(__file__).resolve().parent
@@ -58,6 +60,8 @@ def parse_args(argv):
     gen.add_argument("--concurrency", type=int, default=4, help="requests in flight (server)")
     gen.add_argument("--timeout", type=float, default=120.0, help="seconds per request (server)")
     gen.add_argument("--max-retries", type=int, default=5, help="retries of a failed request (server)")
+    gen.add_argument("--max-outage", type=float, default=600.0,
+                     help="seconds to wait, with backoff, for a server that stopped answering before stopping")
     gen.add_argument("--batch-size", type=int, default=8, help="prompts per batch (local)")
     gen.add_argument("--max-new-tokens", type=int, default=384)
     gen.add_argument("--temperature", type=float, default=0.7)
@@ -74,6 +78,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.max_outage < 0:
+        sys.exit(f"--max-outage: {args.max_outage} is negative; give the seconds to wait for the server")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -140,20 +146,28 @@ def main(argv=None):
     store = ResultStore(output.with_name(output.name + ".work"))
     print(f"teacher: {backend.kind} {backend.name}; {len(jobs)} records to make "
           f"({sum(store.done(j.key) for j in jobs)} already done)")
-    stats = generate(jobs, backend, store, args.seed, args.max_attempts, set(known),
-                     to_record=lambda job, pairs: llava_record(job, pairs, args.seed), progress=not args.no_progress)
+    try:
+        stats = generate(jobs, backend, store, args.seed, args.max_attempts, set(known),
+                         to_record=lambda job, pairs: llava_record(job, pairs, args.seed),
+                         progress=not args.no_progress, max_outage=args.max_outage)
+    except ServerUnreachable as err:
+        sys.exit(f"stopped: {err}; the same command continues where this run stopped")
     written, repeated = write_outputs(jobs, store, output)
 
     ##### summary
     tok_s = stats.completion_tokens / stats.seconds if stats.seconds else 0.0
     print(f"accepted this run: {dict(stats.accepted)}; rejected replies: {dict(stats.rejected)}; "
           f"records given up after {args.max_attempts} replies: {dict(stats.given_up)}")
+    if stats.left_for_rerun:
+        print(f"{stats.left_for_rerun} records the server refused {args.max_attempts} times are left for a rerun "
+              f"(the errors are in {store.rejected_path})")
     print(f"repeated questions dropped: {stats.repeated_questions} within records, {repeated} across tasks")
     print(f"{stats.completion_tokens:,} tokens generated in {stats.seconds:.0f} s ({tok_s:.1f} tokens/s)")
     print(f"wrote {written} records to {output} (provenance: {output.name}.provenance.jsonl; "
           f"rejects: {store.rejected_path})")
     summary = {"jobs": len(jobs), "records": written, "accepted": dict(stats.accepted),
                "rejected": dict(stats.rejected), "given_up": dict(stats.given_up),
+               "left_for_rerun": stats.left_for_rerun,
                "skipped_images": dict(report.skipped),
                "tokens": stats.completion_tokens, "seconds": round(stats.seconds, 1)}
     output.with_name(output.name + ".summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -8,18 +8,20 @@ apologise or refuse, mention sources, or come back cut off are rejected and retr
 Rewrites every record whose one answer is a description of at least `--min-words` words;
 other records pass through unchanged. A description whose refinement fails `--max-attempts`
 times is left out of the output and counted. Writes `--output` (default `<input stem>.refined.json`)
-with its provenance and work files beside it, resumable like `make_llava_instruct.py`.
+with its provenance and work files beside it, resumable like `make_llava_instruct.py`, and
+like it waits up to `--max-outage` seconds for a server that stopped answering.
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from mmpeft.instruct.backends import OpenAIBackend, Sampling, TransformersBackend, default_gguf
 from mmpeft.instruct.prompts import load_prompt
-from mmpeft.instruct.run import Job, generate, write_atomic, write_outputs
+from mmpeft.instruct.run import Job, ServerUnreachable, generate, write_atomic, write_outputs
 from mmpeft.instruct.store import ResultStore, job_key
 
 HERE = Path(__file__).resolve().parent
@@ -40,6 +42,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-attempts", type=int, default=3)
+    p.add_argument("--max-outage", type=float, default=600.0, help="seconds to wait for a server that stops answering")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -71,14 +74,18 @@ def main(argv=None):
     ##### refinement, stored as it arrives
     output = Path(args.output or source.with_name(source.stem + ".refined.json"))
     store = ResultStore(output.with_name(output.name + ".work"))
-    stats = generate(jobs, backend, store, args.seed, args.max_attempts, set(), refined,
-                     progress=not args.no_progress)
+    try:
+        stats = generate(jobs, backend, store, args.seed, args.max_attempts, set(), refined,
+                         progress=not args.no_progress, max_outage=args.max_outage)
+    except ServerUnreachable as err:
+        sys.exit(f"stopped: {err}; the same command continues where this run stopped")
     written, _ = write_outputs(jobs, store, output)
     if passed:  # the records that needed no refinement go after the refined ones
         data = json.loads(output.read_text()) + passed
         write_atomic(output, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     print(f"refined {written} of {len(jobs)}; rejected replies: {dict(stats.rejected)}; left out after "
-          f"{args.max_attempts} replies: {dict(stats.given_up)}; wrote {written + len(passed)} records to {output}")
+          f"{args.max_attempts} replies: {dict(stats.given_up)}; left for a rerun after server errors: "
+          f"{stats.left_for_rerun}; wrote {written + len(passed)} records to {output}")
 
 
 if __name__ == "__main__":

@@ -4,21 +4,25 @@ OpenAI), with bounded concurrency, timeouts and retries that honour `Retry-After
 
 Both take a list of requests (chat messages plus a seed) and yield `(index, Reply)` as
 replies arrive, so the caller can store each one at once. A request that fails after its
-retries comes back as a `Reply` with `error` set, never as a missing item.
+retries comes back as a `Reply` with `error` set, never as a missing item; `unreachable`
+tells a server that gave no answer (down, restarting, overloaded) from one that refused
+the request, since only the second says anything about the request itself.
 """
 
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -35,6 +39,9 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # no answer at all: refused or dropped connection, timeout, or 408/429/502/503/504 after
+    # the retries; the request was fine as far as anyone knows, so it costs the record nothing
+    unreachable: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,20 @@ def _retry_after(value: str | None) -> float | None:
             return None
 
 
+@dataclass
+class _Gate:
+    """Closed by the first request of a `run` that finds the server unreachable: the requests
+    not yet sent come back unsent, and those waiting to retry stop waiting."""
+
+    closed: threading.Event = field(default_factory=threading.Event)
+    error: str = ""
+
+    def close(self, error: str) -> None:
+        if not self.closed.is_set():
+            self.error = error
+            self.closed.set()
+
+
 class OpenAIBackend:
     """POSTs to `{base_url}/chat/completions`. The key is read from the environment variable
     `api_key_env` and sent only in the Authorization header; it is never logged or stored.
@@ -140,6 +161,8 @@ class OpenAIBackend:
     llama.cpp's `min_tokens`); they cannot replace the fields set here."""
 
     RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+    # statuses that say "not now" about the server rather than anything about the request
+    UNAVAILABLE_STATUS = {408, 429, 502, 503, 504}
 
     def __init__(self, base_url: str, model: str, sampling: Sampling, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 4, timeout: float = 120.0, max_retries: int = 5, backoff: float = 1.0,
@@ -166,14 +189,17 @@ class OpenAIBackend:
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
             return json.loads(resp.read())
 
-    def complete(self, request: Request) -> Reply:
-        """One request with retries; transport failures end as a `Reply` with `error`."""
+    def complete(self, request: Request, gate: _Gate | None = None) -> Reply:
+        """One request with retries; failures end as a `Reply` with `error`, and with
+        `unreachable` when the server gave no answer. Once `gate` is closed no attempt is made."""
         s = self.sampling
         payload = {**self.extra_body, "model": self.name, "messages": request.messages,
                    "max_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": request.seed}
         jitter = random.Random(request.seed)
-        error = ""
+        error, unreachable = "", False
         for attempt in range(self.max_retries + 1):
+            if gate is not None and gate.closed.is_set():
+                return Reply(error=error or gate.error, unreachable=True)
             wait = None
             try:
                 data = self._post(payload)
@@ -183,22 +209,31 @@ class OpenAIBackend:
                              usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
             except urllib.error.HTTPError as err:
                 body = err.read()[:200].decode(errors="replace")
-                error = f"HTTP {err.code}: {body}"
+                error, unreachable = f"HTTP {err.code}: {body}", err.code in self.UNAVAILABLE_STATUS
                 if err.code not in self.RETRY_STATUS:
                     break
                 wait = _retry_after(err.headers.get("Retry-After"))
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                error = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-            except (KeyError, IndexError, json.JSONDecodeError) as err:
-                error = f"unreadable response: {err!r}"
+            except (OSError, http.client.HTTPException) as err:  # refused, reset, timed out, cut short
+                error, unreachable = f"{type(err).__name__}: {getattr(err, 'reason', err)}", True
+            except (KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError) as err:
+                error, unreachable = f"unreadable response: {err!r}", False
                 break
             if attempt < self.max_retries:
                 delay = wait if wait is not None else self.backoff * 2 ** attempt * (0.5 + jitter.random())
-                time.sleep(min(delay, self.max_wait))
-        return Reply(error=error)
+                if gate is not None:
+                    gate.closed.wait(min(delay, self.max_wait))
+                else:
+                    time.sleep(min(delay, self.max_wait))
+        if unreachable and gate is not None:
+            gate.close(error)
+        return Reply(error=error, unreachable=unreachable)
 
     def run(self, requests: list[Request]) -> Iterator[tuple[int, Reply]]:
+        """Every request's reply, as they arrive. Once one finds the server unreachable, the
+        rest come back unreachable without being sent, so a dead server costs one request's
+        retries, not every request's."""
+        gate = _Gate()
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self.complete, r): i for i, r in enumerate(requests)}
+            futures = {pool.submit(self.complete, r, gate): i for i, r in enumerate(requests)}
             for future in as_completed(futures):
                 yield futures[future], future.result()

@@ -1,6 +1,7 @@
 """Strict reading of the teacher's replies. A reply becomes question / answer turns, or is
 rejected with a reason: cut off, malformed, leaking its sources (captions, boxes,
-coordinates), contradicting the boxes' counts, or apologising instead of answering."""
+coordinates), contradicting the boxes' counts, apologising instead of answering, caught in
+a repetition loop, or answering a count or yes/no question with something else."""
 
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ DECIMAL = re.compile(r"(?<![\w.])0?\.\d+\b")  # fractions below 1 look like the 
 REFUSAL = re.compile(r"\b(sorry|apologi[sz]e|i cannot|i can't|i can not|as an ai|i am unable|i'm unable|"
                      r"language model)\b", re.IGNORECASE)
 QA_LINE = re.compile(r"^\s*(Q|A)\s*[:.]\s*(.*)$", re.IGNORECASE)
+# A sentence, or a run of LOOP_WORDS words, said LOOP_REPEATS times is a decoding loop: prose
+# may say a thing twice, but a third identical eight-word run does not happen in a paragraph.
+LOOP_REPEATS, LOOP_WORDS = 3, 8
+COUNT_QUESTION = re.compile(r"\b(how many|the number of)\b", re.IGNORECASE)
+COUNT_ANSWER = re.compile(
+    r"\d|\b(no|none|zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|"
+    r"fifteen|sixteen|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|hundred|dozens?|single|pair|couple|"
+    r"both)\b", re.IGNORECASE)
+# "Is / are / does ... ?" asks for a yes or a no; "Is it red or blue?" asks to choose, and a
+# modal ("Can you describe ...?") is often a request, so neither is held to this.
+YES_NO_QUESTION = re.compile(r"^\s*(is|are|was|were|am|do|does|did|has|have|had)(n't)?\b(?!.*\bor\b)",
+                             re.IGNORECASE)
+YES_NO_ANSWER = re.compile(r"^\W*(yes|yeah|yep|no|nope|not|none|nothing|never|certainly|indeed|absolutely|"
+                           r"definitely|of course|correct|sure)\b", re.IGNORECASE)
 
 
 class Rejected(ValueError):
@@ -108,6 +123,31 @@ def check_pair(question: str, answer: str, counts: Counter, known: set[str]) -> 
                      counts)
 
 
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+
+
+def check_repetition(text: str) -> None:
+    """Reject a repetition loop: one sentence, or one run of `LOOP_WORDS` words, said
+    `LOOP_REPEATS` times or more."""
+    sentences = Counter(" ".join(_words(s)) for s in re.split(r"(?<=[.!?])\s+", text) if _words(s))
+    words = _words(text)
+    runs = Counter(" ".join(words[k:k + LOOP_WORDS]) for k in range(len(words) - LOOP_WORDS + 1))
+    for said, n in sentences.most_common(1) + runs.most_common(1):  # apart: a sentence may be a run too
+        if n >= LOOP_REPEATS:
+            raise Rejected("repetition", f"{said[:60]!r} {n} times")
+
+
+def check_answer_type(question: str, answer: str) -> None:
+    """A count question needs a number in its answer (digits or a number word, "no" and
+    "none" included); a yes/no question needs an answer that starts with yes, no or a clear
+    equivalent ("Not really", "Certainly")."""
+    if COUNT_QUESTION.search(question) and not COUNT_ANSWER.search(answer):
+        raise Rejected("answer type", f"no number in the answer to {question[:60]!r}: {answer[:60]!r}")
+    if YES_NO_QUESTION.match(question) and not COUNT_QUESTION.search(question) and not YES_NO_ANSWER.match(answer):
+        raise Rejected("answer type", f"no yes or no answering {question[:60]!r}: {answer[:60]!r}")
+
+
 def _norm_question(q: str) -> tuple[str, ...]:
     return tuple(re.sub(r"[^a-z0-9 ]", " ", q.lower()).split())
 
@@ -148,6 +188,7 @@ def read_reply(task: str, text: str, finish_reason: str, counts: Counter, known:
             raise Rejected("malformed", "a question and answer where a paragraph was due")
         if len(text.split()) < 8:
             raise Rejected("too short", f"{len(text.split())} words")
+        check_repetition(text)
         if text[-1] not in ".!?\"')":
             raise Rejected("cut off", "the paragraph ends mid-sentence")
         return [("", " ".join(text.split()))]
@@ -157,4 +198,6 @@ def read_reply(task: str, text: str, finish_reason: str, counts: Counter, known:
             raise Rejected("malformed", f"question without a question mark: {q[:60]!r}")
         if len(a.split()) < 1:
             raise Rejected("malformed", "empty answer")
+        check_repetition(a)
+        check_answer_type(q, a)
     return pairs

@@ -5,6 +5,12 @@ record, with its provenance) and `rejected.jsonl` (one line per rejected reply, 
 reason). Every line carries the job's key: a hash of image, task, prompt version, model and
 seed. Lines are flushed and synced as written; a line cut short by a kill is removed when
 the store is opened again.
+
+Only judged replies (a reply that came back and was checked) use up a record's attempts or
+finish it. Rows with the reason `SERVER_ERROR` hold no reply from the model: the server
+refused the request, or, in stores written before transport failures were kept out of
+this file, could not be reached. They stay in the file for the report, and a record they
+ended is asked again.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+SERVER_ERROR = "backend error"
 
 def job_key(image: str, task: str, prompt_version: str, model: str, seed: int) -> str:
     return hashlib.sha256(json.dumps([image, task, prompt_version, model, seed]).encode()).hexdigest()[:20]
@@ -47,14 +54,21 @@ class ResultStore:
         self.rejections: Counter = Counter()
         self.given_up: set[str] = set()
         for row in _read_lines(self.rejected_path):
-            self.rejections[row["key"]] += 1
-            if row.get("final"):
-                self.given_up.add(row["key"])
+            self._count(row["key"], row["reason"], row.get("final", False))
+
+    def _count(self, key: str, reason: str, final: bool) -> None:
+        if reason == SERVER_ERROR:
+            return
+        self.rejections[key] += 1
+        if final:
+            self.given_up.add(key)
 
     def done(self, key: str) -> bool:
+        """Accepted, or given up after its last judged reply."""
         return key in self.accepted or key in self.given_up
 
     def attempts(self, key: str) -> int:
+        """Judged replies rejected so far."""
         return self.rejections[key]
 
     def _append(self, path: Path, row: dict) -> None:
@@ -73,6 +87,4 @@ class ResultStore:
     def reject(self, key: str, reason: str, detail: str, reply: str, final: bool, meta: dict) -> None:
         self._append(self.rejected_path, {"key": key, "reason": reason, "detail": detail, "reply": reply,
                                           "final": final, **meta})
-        self.rejections[key] += 1
-        if final:
-            self.given_up.add(key)
+        self._count(key, reason, final)

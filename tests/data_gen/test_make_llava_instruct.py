@@ -1,9 +1,11 @@
 """`data_gen/make_llava_instruct.py` run as users run it, against OpenAI-compatible servers
-on loopback: one in this process that answers in the prompts' formats (to kill and resume
-against), and llama.cpp's server with the SmolLM2 GGUF (a real model)."""
+on loopback: one in this process that answers in the prompts' formats (to kill, restart and
+resume against), and llama.cpp's server with the SmolLM2 GGUF (a real model)."""
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,9 +36,10 @@ REPLIES = {
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, delay: float, throttle_first: bool):
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, delay: float, throttle_first: bool, port: int = 0):
+        super().__init__(("127.0.0.1", port), _Handler)
         self.delay, self.throttle, self.seen, self.lock = delay, throttle_first, [], threading.Lock()
+        self.dead = False
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -55,6 +58,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         time.sleep(self.server.delay)
+        if self.server.dead:  # a dying server answers nothing; the connection just closes
+            return
         system = body["messages"][0]["content"]
         text = next(reply for prefix, reply in REPLIES.items() if system.startswith(prefix))
         data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
@@ -69,13 +74,37 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
+def _start(srv: _Server) -> _Server:
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def _kill(srv: _Server) -> None:
+    """Stop as a server process dies: requests in flight get no answer, the port closes."""
+    srv.dead = True
+    srv.shutdown()
+    srv.server_close()
+
+
 @pytest.fixture
 def server():
-    srv = _Server(delay=0.05, throttle_first=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
+    srv = _start(_Server(delay=0.05, throttle_first=True))
     yield srv
-    srv.shutdown()
+    _kill(srv)
+
+
+@pytest.fixture
+def servers():
+    """Starts servers that take `delay` s a reply, on a given port to restart one; stops them all."""
+    started = []
+
+    def start(port: int = 0, delay: float = 0.1) -> _Server:
+        started.append(_start(_Server(delay, throttle_first=False, port=port)))
+        return started[-1]
+
+    yield start
+    for srv in started:
+        _kill(srv)
 
 
 def _command(world, out, base_url, *extra):
@@ -130,6 +159,82 @@ def test_killed_run_resumes_with_every_record_once(small_world, server, tmp_path
     assert {p["backend"] for p in provenance} == {"openai"} and {p["model"] for p in provenance} == {"m"}
 
 
+def _wait_for_records(accepted: Path, n: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while not accepted.exists() or accepted.read_text().count("\n") < n:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.02)
+
+
+def _one_each(out: Path, n: int) -> list[dict]:
+    """The output's records, checked to be `n` with distinct ids, each stored once."""
+    records = json.loads(out.read_text())
+    assert len(records) == n and len({r["id"] for r in records}) == n
+    keys = [json.loads(line)["key"] for line in (out.parent / f"{out.name}.work" / "accepted.jsonl").open()]
+    assert len(keys) == len(set(keys)) == n
+    return records
+
+
+def test_a_server_restart_mid_run_loses_no_record(small_world, servers, tmp_path):
+    first = servers()
+    port = first.server_address[1]
+    out = tmp_path / "data.json"
+    # no retries in the backend: every failed request reaches the run's own backoff
+    cmd = _command(small_world, out, f"http://127.0.0.1:{port}/v1", "--limit", "20", "--max-retries", "0")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_records(out.with_name("data.json.work") / "accepted.jsonl", 15, proc)
+        _kill(first)
+        time.sleep(3)
+        second = servers(port)
+        log = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log[-3000:]
+    records = _one_each(out, 60)
+    assert second.seen and not (out.parent / "data.json.work" / "rejected.jsonl").exists()
+    provenance = [json.loads(line) for line in out.with_name("data.json.provenance.jsonl").open()]
+    assert {p["attempt"] for p in provenance} == {1}  # the outage used up no record's attempts
+    # said when it began and when it ended, not once per failed request (twice only if a reply
+    # sent just before the kill arrives after the first failure)
+    began, ended = log.count(f"the server at http://127.0.0.1:{port}/v1/chat/completions is not answering"), \
+        log.count("answers again after")
+    assert began == ended and began in (1, 2), log[-3000:]
+    clean = tmp_path / "clean" / "data.json"
+    assert subprocess.run(_command(small_world, clean, f"http://127.0.0.1:{port}/v1", "--limit", "20"), cwd=ROOT,
+                          capture_output=True, timeout=300).returncode == 0
+    assert json.loads(clean.read_text()) == records
+
+
+def test_an_outage_past_the_limit_stops_the_run_and_a_rerun_finishes(small_world, servers, tmp_path):
+    first = servers(delay=0.2)  # slow enough that the run is still going when the server dies
+    port = first.server_address[1]
+    out = tmp_path / "data.json"
+    accepted = out.with_name("data.json.work") / "accepted.jsonl"
+    cmd = _command(small_world, out, f"http://127.0.0.1:{port}/v1", "--limit", "10", "--max-retries", "0",
+                   "--max-outage", "3")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_records(accepted, 8, proc)
+        _kill(first)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = accepted.read_text().count("\n")
+    assert proc.returncode == 1 and "Traceback" not in err and not out.exists(), err[-3000:]
+    stopped = re.search(rf"stopped: the server at http://127.0.0.1:{port}/v1/chat/completions has been unreachable "
+                        rf"for (\d+) s \(last error: .*\); {done} of 30 records are done and stored in .*; the same "
+                        "command continues where this run stopped", err)
+    assert stopped and int(stopped.group(1)) >= 3, err[-3000:]
+    servers(port)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"({done} already done)" in again.stdout
+    _one_each(out, 30)
+
+
 def test_dry_run_prints_prompts_and_sends_nothing(small_world, server, tmp_path):
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     proc = subprocess.run(_command(small_world, tmp_path / "d.json", url, "--dry-run", "--limit", "2"), cwd=ROOT,
@@ -164,39 +269,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _log_shown_on_failure(log: Path):
+    """Print the end of a server's log when the block fails, so the reason can be read."""
+    try:
+        yield
+    except BaseException:
+        text = log.read_text(errors="replace") if log.exists() else "(nothing was written)"
+        print(f"----- the end of {log}\n{text[-8000:]}")
+        raise
+
+
 def test_llama_cpp_server_with_the_smollm2_gguf(small_world, tmp_path):
     pytest.importorskip("llama_cpp.server", reason="the dev extra installs llama-cpp-python[server]")
     from mmpeft.instruct.backends import default_gguf
 
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf()), "--host",
-                               "127.0.0.1", "--port", str(port), "--model_alias", "smollm2", "--n_ctx", "4096"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.time() < deadline and server.poll() is None, "llama.cpp server did not start"
-            time.sleep(0.5)
-        out = tmp_path / "llama.json"
-        proc = subprocess.run(_command(small_world, out, f"http://127.0.0.1:{port}/v1", "--limit", "2",
-                                       "--model", "smollm2", "--max-new-tokens", "200", "--max-attempts", "2"),
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    finally:
-        server.terminate()
-        server.wait(30)
-    # every job ended as a record or as rejected replies with reasons; tokens really came back
-    work = tmp_path / "llama.json.work"
-    accepted = [json.loads(x) for x in (work / "accepted.jsonl").read_text().splitlines()] if (
-        work / "accepted.jsonl").exists() else []
-    rejected = [json.loads(x) for x in (work / "rejected.jsonl").read_text().splitlines()] if (
-        work / "rejected.jsonl").exists() else []
-    finished = {a["key"] for a in accepted} | {r["key"] for r in rejected if r["final"]}
-    assert len(finished) == 6
-    assert all(r["reason"] and r["reply"] is not None for r in rejected)
-    assert all(a["provenance"]["completion_tokens"] > 0 for a in accepted)
-    assert "tokens generated" in proc.stdout and not proc.stdout.count("backend error")
-    assert len(json.loads(out.read_text())) == len(accepted)
+    log = tmp_path / "llama_cpp_server.log"
+    with open(log, "w") as sink, _log_shown_on_failure(log):
+        server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf()),
+                                   "--host", "127.0.0.1", "--port", str(port), "--model_alias", "smollm2",
+                                   "--n_ctx", "4096"], stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 120
+            while True:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                assert time.time() < deadline and server.poll() is None, "llama.cpp server did not start"
+                time.sleep(0.5)
+            out = tmp_path / "llama.json"
+            proc = subprocess.run(_command(small_world, out, f"http://127.0.0.1:{port}/v1", "--limit", "2",
+                                           "--model", "smollm2", "--max-new-tokens", "200", "--max-attempts", "2",
+                                           "--max-outage", "60"),
+                                  cwd=ROOT, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, (f"llama.cpp server exit status: {server.poll()}\n"
+                                          + proc.stdout[-2000:] + proc.stderr[-2000:])
+        finally:
+            server.terminate()
+            server.wait(30)
+        # every job ended as a record or as rejected replies with reasons; tokens really came back
+        work = tmp_path / "llama.json.work"
+        accepted = [json.loads(x) for x in (work / "accepted.jsonl").read_text().splitlines()] if (
+            work / "accepted.jsonl").exists() else []
+        rejected = [json.loads(x) for x in (work / "rejected.jsonl").read_text().splitlines()] if (
+            work / "rejected.jsonl").exists() else []
+        finished = {a["key"] for a in accepted} | {r["key"] for r in rejected if r["final"]}
+        assert len(finished) == 6
+        assert all(r["reason"] and r["reply"] is not None for r in rejected)
+        assert all(a["provenance"]["completion_tokens"] > 0 for a in accepted)
+        assert "tokens generated" in proc.stdout and not proc.stdout.count("backend error")
+        assert len(json.loads(out.read_text())) == len(accepted)

@@ -63,6 +63,24 @@ def test_failures_end_as_errors_not_gaps(server):
     assert "URLError" in dead.complete(Request([], 1)).error
 
 
+def test_no_answer_is_told_apart_from_a_refusal(server):
+    dead = OpenAIBackend("http://127.0.0.1:9/v1", "m", Sampling(), max_retries=0, timeout=2)
+    assert dead.complete(Request([], 1)).unreachable
+    for status, unreachable in ((503, True), (429, True), (504, True), (500, False), (400, False), (404, False)):
+        server.script = [(status, {})]
+        reply = _backend(server, max_retries=0).complete(Request([], 1))
+        assert reply.error.startswith(f"HTTP {status}") and reply.unreachable is unreachable, status
+    assert not _backend(server).complete(Request([], 1)).unreachable
+
+
+def test_a_run_stops_sending_once_the_server_is_unreachable(server):
+    server.script = [(503, {})] * 10
+    backend = _backend(server, concurrency=1, max_retries=0)
+    got = dict(backend.run([Request([{"role": "user", "content": str(i)}], i) for i in range(6)]))
+    assert sorted(got) == list(range(6)) and len(server.times) == 1
+    assert all(r.unreachable and r.error.startswith("HTTP 503") for r in got.values())
+
+
 def test_run_returns_every_request(server):
     backend = _backend(server, concurrency=3)
     got = dict(backend.run([Request([{"role": "user", "content": str(i)}], i) for i in range(7)]))

@@ -84,6 +84,19 @@ COUNTS, KNOWN = Counter({"dog": 2, "person": 1}), {"dog", "person", "cat"}
     ("detail", "Two dogs play in a park near a person who watches them from", "stop", "cut off"),
     ("detail", "Two dogs.", "stop", "too short"),
     ("refine", "I'm sorry, but I cannot help with editing this description today.", "stop", "apology or refusal"),
+    ("detail", "Two dogs play in a park. " + "The grass is green and the sky above it is blue. " * 4, "stop",
+     "repetition"),
+    ("detail", "Two dogs play " + "and run and play " * 6 + "in the park.", "stop", "repetition"),
+    ("refine", "It is red. It is red. It is red. The picture shows a red bus near a street corner.", "stop",
+     "repetition"),
+    ("conversation", "Q: What is the weather like?\nA: " + "It is sunny and warm outside today. " * 3, "stop",
+     "repetition"),
+    ("conversation", "Q: How many objects are on the left?\nA: Some objects are there.", "stop", "answer type"),
+    ("conversation", "Q: What is the number of people here?\nA: Several.", "stop", "answer type"),
+    ("conversation", "Q: Is there a dog?\nA: There is a dog near the fence.", "stop", "answer type"),
+    ("conversation", "Q: Are the dogs playing?\nA: The dogs are running.", "stop", "answer type"),
+    ("complex_reasoning", "Q: Does the person own the dogs?\nA: It seems likely, as they watch them.", "stop",
+     "answer type"),
 ])
 def test_replies_are_rejected_with_their_reason(task, text, finish, reason):
     with pytest.raises(Rejected) as err:
@@ -97,6 +110,29 @@ def test_good_replies_are_read():
         ("How many dogs are there?", "Two."), ("What are the brown dogs doing?", "Playing with a ball.")]
     assert read_reply("conversation", "Q: Any black dogs?\nA: One black dog.", "stop", COUNTS, KNOWN)
     para = "Two dogs run across a green field while a person stands near the fence and watches."
+    assert read_reply("detail", para, "stop", COUNTS, KNOWN) == [("", para)]
+
+
+@pytest.mark.parametrize("question,answer", [
+    ("How many objects are on the left?", "There are 3 objects."),
+    ("How many dogs are there?", "Two."),
+    ("How many cats are in the picture?", "There are none."),
+    ("In the picture, how many people are there?", "Only one person, standing by the fence."),
+    ("Is there a dog?", "Yes, near the fence."),
+    ("Are the dogs asleep?", "No. They are running."),
+    ("Does the person hold a leash?", "Not that one can see."),
+    ("Is the dog brown or black?", "Brown."),  # a choice, not a yes/no question
+    ("Can you describe the dogs?", "They are small and brown."),
+    ("What are the dogs doing?", "Playing with a ball."),
+])
+def test_answers_of_the_right_type_are_kept(question, answer):
+    assert read_reply("conversation", f"Q: {question}\nA: {answer}", "stop", COUNTS, KNOWN) == [(question, answer)]
+
+
+def test_prose_that_says_a_thing_twice_is_not_a_loop():
+    para = ("Two dogs run across a green field on the left side of the picture. A person stands on the right side "
+            "of the picture, near the fence. The dogs look happy. The grass is short and green, and the sky is blue "
+            "with a few clouds. The dogs look happy.")
     assert read_reply("detail", para, "stop", COUNTS, KNOWN) == [("", para)]
 
 
