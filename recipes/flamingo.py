@@ -29,12 +29,13 @@ from mmpeft.eval.answers import before_and_after, read_questions
 from mmpeft.flamingo.checkpoint import load_flamingo, save_flamingo
 from mmpeft.flamingo.model import FlamingoLM
 from mmpeft.hub import push
-from mmpeft.llava.evaluation import answer_accuracy
+from mmpeft.llava.evaluation import accuracy_before_training, answer_accuracy
 from mmpeft.llava.model import add_image_token, load_base_models
 from mmpeft.models.trainable import trainable_parameter_count
 from mmpeft.presets import resolve_preset
 from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
+from mmpeft.train.placement import rank_device
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "flamingo_tiny.yaml"
 
@@ -77,7 +78,8 @@ def main(argv=None):
     ##### evaluation before training
     e = cfg["eval"]
     questions = read_questions(e["questions"], e["image_folder"], e["limit"]) if e["questions"] else []
-    before = answer_accuracy(model, encoder, questions) if rank == 0 and questions else None
+    device = rank_device()  # evaluation runs on this rank's accelerator
+    before = accuracy_before_training(model, encoder, questions, device, False, log) if rank == 0 else None
 
     ##### training
     settings = {"recipe": "flamingo", "launch": launch_record(__file__, argv),
@@ -103,7 +105,7 @@ def main(argv=None):
                   f"{metrics['gates']}"
         if questions:  # the model as saved, rebuilt from the output folder
             trained = load_flamingo(t["output_dir"])[0]
-            figures, text = before_and_after(before, answer_accuracy(trained, encoder, questions))
+            figures, text = before_and_after(before, answer_accuracy(trained.to(device), encoder, questions))
             metrics.update(figures)
             summary += "; " + text
         Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

@@ -44,6 +44,7 @@ from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_clip, resolve_preset
 from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
+from mmpeft.train.placement import rank_device
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "general_gpt_tiny.yaml"
 
@@ -111,9 +112,12 @@ def main(argv=None):
     if rank == 0:
         metrics = {k: v for k, v in history[-1].items() if k.endswith("loss")} | {"first_loss": history[0]["loss"]}
         if e["test"]:
-            trained, _, _ = load_general_gpt(t["output_dir"])
+            device = rank_device()  # evaluation runs on this rank's accelerator
+            trained = load_general_gpt(t["output_dir"])[0].to(device)
             test_vectors, test_texts = embedding_set(e["test"], cache / "test", preset, log)
             clip = None if e["test"].get("embeddings") else load_clip(preset)
+            if clip is not None:
+                clip[0].to(device)
             metrics |= retrieval_figures(trained, tokenizer, test_vectors, test_texts, e["limit"], clip)
             if "caption" in d["tasks"] or "sentence" in d["tasks"]:
                 task = "caption" if "caption" in d["tasks"] else "sentence"

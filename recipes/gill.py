@@ -40,6 +40,7 @@ from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_clip, load_diffusion, resolve_preset
 from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
+from mmpeft.train.placement import rank_device
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "gill_tiny.yaml"
 
@@ -114,8 +115,10 @@ def main(argv=None):
     ##### decision head, then evaluation: held-out pairs and stories, the model as saved
     if rank == 0:
         metrics = {k: v for k, v in history[-1].items() if k.endswith("loss")} | {"first_loss": history[0]["loss"]}
-        trained, _, _ = load_gill(t["output_dir"], dtype=dtype)
-        fresh = ClipEmbeddings(vision, image_processor)  # held-out images: not in the training cache
+        device = rank_device()  # evaluation runs on this rank's accelerator
+        trained = load_gill(t["output_dir"], dtype=dtype)[0].to(device)
+        pipeline.to(device)
+        fresh = ClipEmbeddings(vision.to(device), image_processor)  # held-out images: not in the training cache
         encoder.max_length = lm.config.max_position_embeddings  # story queries are longer than training's
         dec = e["decision"]
 
@@ -145,6 +148,7 @@ def main(argv=None):
                     Path(t["output_dir"]) / "index")
         if e["pairs"]:
             clip_model, clip_processor = load_clip(preset)
+            clip_model.to(device)
             test = read_pairs(e["pairs"])[: e["limit"]]
             figures, _ = ev.retrieval_figures(trained, encoder, test, fresh, clip_model, clip_processor, d["prompt"])
             negative = empty_caption(pipeline)

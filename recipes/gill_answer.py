@@ -24,12 +24,13 @@ from mmpeft.minigpt5.checkpoint import empty_caption
 from mmpeft.minigpt5.evaluation import generate_images
 from mmpeft.pages import write_story_page
 from mmpeft.presets import Preset, load_diffusion
+from mmpeft.train.placement import device_of, rank_device
 
 
 @torch.no_grad()
 def answer(model, encoder, pipeline, index, prompt: str, template: str, force: bool, guidance: float, steps: int):
     ids = torch.tensor([encoder.encode_prompt(Sample("p", [{"role": "user", "content": template.format(
-        caption=prompt)}]))])
+        caption=prompt)}]))], device=device_of(model))
     out = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
                             do_sample=False)[0, ids.shape[1]:].tolist()
     first = model.voken_ids[0]
@@ -63,14 +64,17 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--out", default="gill_page/index.html")
+    parser.add_argument("--device", default=None, help="where the models run (default: the GPU when there is one)")
     args = parser.parse_args(argv)
 
+    device = torch.device(args.device) if args.device else rank_device()
     model, tokenizer, settings = load_gill(args.model)
+    model.to(device)
     cfg = settings["config"]
     index = RetrievalIndex.load(args.index)
     if index.clip_source != settings["sources"]["clip"]:
         print(f"note: the index was built with {index.clip_source}, the run used {settings['sources']['clip']}")
-    pipeline = load_diffusion(Preset("run", diffusion=settings["sources"]["diffusion"]))
+    pipeline = load_diffusion(Preset("run", diffusion=settings["sources"]["diffusion"])).to(device)
     encoder = ConversationEncoder(tokenizer, None, chat_template(tokenizer, cfg["data"]["conversation_format"]),
                                   settings["build"]["image_token"], settings["build"]["image_tokens"], 4096)
     rows = [answer(model, encoder, pipeline, index, p, cfg["data"]["prompt"], args.force_image, args.guidance,

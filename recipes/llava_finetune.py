@@ -37,7 +37,7 @@ from mmpeft.data.templates import chat_template
 from mmpeft.eval.answers import before_and_after, read_questions
 from mmpeft.hub import push
 from mmpeft.llava.checkpoint import load_llava, save_llava
-from mmpeft.llava.evaluation import answer_accuracy
+from mmpeft.llava.evaluation import accuracy_before_training, answer_accuracy
 from mmpeft.llava.model import (
     add_image_token,
     build_llava,
@@ -58,6 +58,7 @@ from mmpeft.models.trainable import (
 from mmpeft.presets import resolve_preset
 from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
+from mmpeft.train.placement import partitioned_loading, rank_device, zero3_loading_config
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava_finetune_tiny.yaml"
 
@@ -83,6 +84,7 @@ def main(argv=None):
             raise ValueError(f"model.init_from ({m['init_from']}) brings the vision tower, connector and LM; "
                              f"unset {', '.join(clash)}")
         model, processor = load_released_llava(m["init_from"], m["qlora"], dtype, log=log)
+        zero3 = None  # a released LLaVA loads whole: its tower, connector and LM come in one file set
         tokenizer, image_processor, vision = processor.tokenizer, processor.image_processor, model.model.vision_tower
         image_token, layer = processor.image_token, model.config.vision_feature_layer
         sources = {"llava": m["init_from"]}  # mmpeft.load rebuilds the base from it
@@ -90,11 +92,14 @@ def main(argv=None):
         torch.manual_seed(t["seed"])
     else:
         preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
+        zero3 = zero3_loading_config(t, quantized=m["qlora"])  # ZeRO-3: each rank loads only its shard of the LM
         lm, tokenizer, vision, image_processor = load_base_models(preset, qlora=m["qlora"], dtype=dtype, log=log,
-                                                                  attn_implementation=m["attn_implementation"])
+                                                                  attn_implementation=m["attn_implementation"],
+                                                                  zero3=zero3)
         image_token, layer = m["image_token"], m["vision_feature_layer"]
         sources = {"lm": preset.lm, "clip": preset.clip}
-        image_token_id = add_image_token(tokenizer, lm, image_token)
+        with partitioned_loading(zero3):
+            image_token_id = add_image_token(tokenizer, lm, image_token)
         torch.manual_seed(t["seed"])
         model = build_llava(vision, lm, image_token_id, m["connector"], layer, m.get("connector_options"))
         processor = llava_processor(image_processor, tokenizer, vision.config, image_token,
@@ -136,7 +141,8 @@ def main(argv=None):
     ##### evaluation before training
     e = cfg["eval"]  # questions with checkable answers (the tiny world's); null skips evaluation
     questions = read_questions(e["questions"], e["image_folder"], e["limit"]) if e["questions"] else []
-    before = answer_accuracy(model, encoder, questions) if rank == 0 and questions else None
+    device = rank_device()
+    before = accuracy_before_training(model, encoder, questions, device, bool(zero3), log) if rank == 0 else None
 
     ##### training
     settings = {"recipe": "llava_finetune", "launch": launch_record(__file__, argv), "sources": sources,
@@ -159,7 +165,7 @@ def main(argv=None):
         summary = f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}"
         if questions:  # the model as saved, rebuilt from the output folder (free of ZeRO-3's partitioning)
             trained, _, _ = load_llava(t["output_dir"])
-            figures, text = before_and_after(before, answer_accuracy(trained, encoder, questions))
+            figures, text = before_and_after(before, answer_accuracy(trained.to(device), encoder, questions))
             metrics.update(figures)
             summary += "; " + text
         Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

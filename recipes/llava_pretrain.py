@@ -29,7 +29,7 @@ from mmpeft.data.templates import chat_template
 from mmpeft.eval.answers import before_and_after, read_questions
 from mmpeft.hub import push
 from mmpeft.llava.checkpoint import load_llava, save_llava
-from mmpeft.llava.evaluation import answer_accuracy
+from mmpeft.llava.evaluation import accuracy_before_training, answer_accuracy
 from mmpeft.llava.model import (
     add_image_token,
     build_llava,
@@ -48,6 +48,7 @@ from mmpeft.models.trainable import (
 from mmpeft.presets import resolve_preset
 from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
+from mmpeft.train.placement import partitioned_loading, rank_device, zero3_loading_config
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava_pretrain_tiny.yaml"
 
@@ -64,9 +65,11 @@ def main(argv=None):
     ##### model
     preset = resolve_preset(m["preset"], zoo_dir=zoo, lm=m.get("lm_path"), clip=m.get("clip_path"))
     dtype = training_dtype(t)  # loaded as trained: a 7B LM in fp32 is 27 GB
+    zero3 = zero3_loading_config(t)  # ZeRO-3: each rank loads only its shard of the LM
     lm, tokenizer, vision, image_processor = load_base_models(preset, dtype=dtype, log=log,
-                                                              attn_implementation=m["attn_implementation"])
-    image_token_id = add_image_token(tokenizer, lm, m["image_token"])
+                                                              attn_implementation=m["attn_implementation"], zero3=zero3)
+    with partitioned_loading(zero3):
+        image_token_id = add_image_token(tokenizer, lm, m["image_token"])
     torch.manual_seed(t["seed"])
     model = build_llava(vision, lm, image_token_id, m["connector"], m["vision_feature_layer"],
                         m.get("connector_options"))
@@ -101,7 +104,8 @@ def main(argv=None):
     questions = read_questions(e["questions"], e["image_folder"], e["limit"]) if e["questions"] else []
     qa_encoder = ConversationEncoder(tokenizer, image_processor, chat_template(tokenizer, cfg["eval"]["format"]),
                                      m["image_token"], model.config.image_seq_length, d["max_length"])
-    before = answer_accuracy(model, qa_encoder, questions) if rank == 0 and questions else None
+    device = rank_device()
+    before = accuracy_before_training(model, qa_encoder, questions, device, bool(zero3), log) if rank == 0 else None
 
     ##### training
     processor = llava_processor(image_processor, tokenizer, vision.config, m["image_token"],
@@ -126,7 +130,7 @@ def main(argv=None):
         summary = f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}"
         if questions:  # the model as saved, rebuilt from the output folder (free of ZeRO-3's partitioning)
             trained, _, _ = load_llava(t["output_dir"])
-            figures, text = before_and_after(before, answer_accuracy(trained, qa_encoder, questions))
+            figures, text = before_and_after(before, answer_accuracy(trained.to(device), qa_encoder, questions))
             metrics.update(figures)
             summary += "; " + text
         Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

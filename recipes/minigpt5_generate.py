@@ -14,12 +14,15 @@ the run's `data.history`: null, all of them), and the true last step is shown be
 import argparse
 from pathlib import Path
 
+import torch
+
 from mmpeft.data.conversation import IMAGE_MARKER, ConversationEncoder, Sample
 from mmpeft.data.stories import read_vist, story_context
 from mmpeft.data.templates import chat_template
 from mmpeft.minigpt5.checkpoint import load_minigpt5
 from mmpeft.minigpt5.evaluation import interleaved_generate
 from mmpeft.pages import write_story_page
+from mmpeft.train.placement import rank_device
 
 
 def main(argv=None):
@@ -34,11 +37,14 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--out", default="minigpt5_page/index.html")
+    parser.add_argument("--device", default=None, help="where the models run (default: the GPU when there is one)")
     args = parser.parse_args(argv)
     if bool(args.prompt) == bool(args.stories):
         parser.error("give either --prompt (with optional --context) or --stories with --image-folder")
 
     model, processor, pipeline, settings = load_minigpt5(args.model)
+    device = torch.device(args.device) if args.device else rank_device()
+    model, pipeline = model.to(device), pipeline.to(device)
     cfg = settings["config"]
     encoder = ConversationEncoder(processor.tokenizer, processor.image_processor,
                                   chat_template(processor.tokenizer, cfg["data"]["conversation_format"]),

@@ -68,6 +68,7 @@ from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_diffusion, resolve_preset
 from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
+from mmpeft.train.placement import rank_device
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minigpt5_stage1_tiny.yaml"
 
@@ -159,7 +160,9 @@ def main(argv=None):
         metrics["skipped"] = dict(dataset.skipped)
         e = cfg["eval"]
         if e["pairs"]:
-            trained, _, _, _ = load_minigpt5(t["output_dir"], dtype=dtype)
+            device = rank_device()  # evaluation runs on this rank's accelerator
+            trained = load_minigpt5(t["output_dir"], dtype=dtype)[0].to(device)
+            pipeline.vae.to(device)  # encodes the held-out targets
             held_out = read_pairs(e["pairs"], d["prompt"], m["n_vokens"])[: e["limit"]]
             test = VokenDataset(held_out, encoder, voken_ids, LatentTargets(pipeline.vae, sd_resolution(pipeline)))
             gap = conditioning_gap(trained, *mapped_conditions(trained, test))

@@ -74,6 +74,7 @@ from mmpeft.pages import write_story_page
 from mmpeft.presets import load_clip, load_diffusion, resolve_preset
 from mmpeft.start import launch_record, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
+from mmpeft.train.placement import rank_device
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minigpt5_stage2_tiny.yaml"
 
@@ -183,12 +184,15 @@ def main(argv=None):
         metrics["first_loss"] = history[0]["loss"]
         metrics["skipped"] = dict(dataset.skipped)
         if e["stories"]:
+            device = rank_device()  # evaluation and generation run on this rank's accelerator
             trained, _, trained_pipe, _ = load_minigpt5(t["output_dir"], dtype=dtype)
+            trained, trained_pipe = trained.to(device), trained_pipe.to(device)
             test = list(read_vist(e["stories"], e["image_folder"]).items())[: e["limit"]]
             items = {task: [s for sid, steps in test for s in story_samples(
                 sid, steps, d["prompts"], [task], d["history"], m["n_vokens"], last_step_only=True)]
                 for task in ("image", "multimodal", "text")}
             clip, clip_processor = load_clip(preset)
+            clip.to(device)
             figures, generated = story_figures(trained, trained_pipe, encoder, items, clip, clip_processor,
                                                e["guidance"], e["sampling_steps"])
             metrics.update(figures)

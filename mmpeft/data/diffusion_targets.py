@@ -84,8 +84,8 @@ class LatentTargets(FrozenOutputs):
     @torch.no_grad()
     def encode(self, images: list) -> torch.Tensor:
         pixels = torch.stack([image_to_sd(open_image(im, str(im)[:80]), self.size) for im in images])
-        vae_dtype = next(self.vae.parameters()).dtype
-        latents = self.vae.encode(pixels.to(vae_dtype)).latent_dist.mean
+        weight = next(self.vae.parameters())
+        latents = self.vae.encode(pixels.to(weight.device, weight.dtype)).latent_dist.mean
         return latents * self.vae.config.scaling_factor
 
 

@@ -21,12 +21,13 @@ def read_questions(path: str | Path, image_folder: str | Path, limit: int | None
     return rows[:limit] if limit else rows
 
 
-def before_and_after(before: dict, after: dict) -> tuple[dict, str]:
+def before_and_after(before: dict | None, after: dict) -> tuple[dict, str]:
     """The metrics of `answer_accuracy` run before and after training, and the line that
-    reports them."""
-    metrics = {"answer_accuracy_before": before["accuracy"], "answer_accuracy_after": after["accuracy"],
-               "chance": after["chance"], "by_type_after": after["by_type"]}
-    text = (f"answer accuracy on {after['questions']} held-out questions: {before['accuracy']:.3f} before, "
+    reports them. `before` None: not measured (the value is null, the line says so)."""
+    metrics = {"answer_accuracy_before": before["accuracy"] if before else None,
+               "answer_accuracy_after": after["accuracy"], "chance": after["chance"], "by_type_after": after["by_type"]}
+    shown = f"{before['accuracy']:.3f}" if before else "not measured"
+    text = (f"answer accuracy on {after['questions']} held-out questions: {shown} before, "
             f"{after['accuracy']:.3f} after (chance {after['chance']:.3f}); by type "
             + ", ".join(f"{k} {v:.2f}" for k, v in after["by_type"].items()))
     return metrics, text

@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 from transformers import CLIPModel, CLIPTokenizer
 
+from mmpeft.train.placement import device_of, to_device
+
 
 def encode_texts(model: CLIPModel, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
-    """L2-normalised text embeddings."""
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    """L2-normalised text embeddings, on the model's device."""
+    batch = to_device(dict(tokenizer(texts, padding=True, return_tensors="pt")), device_of(model))
     feats = model.get_text_features(**batch)
     feats = getattr(feats, "pooler_output", feats)
     return torch.nn.functional.normalize(feats, dim=-1)
@@ -17,8 +19,8 @@ def encode_texts(model: CLIPModel, tokenizer: CLIPTokenizer, texts: list[str]) -
 
 
 def encode_images(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """L2-normalised image embeddings."""
-    feats = model.get_image_features(pixel_values=pixel_values)
+    """L2-normalised image embeddings, on the model's device."""
+    feats = model.get_image_features(pixel_values=pixel_values.to(device_of(model)))
     feats = getattr(feats, "pooler_output", feats)
     return torch.nn.functional.normalize(feats, dim=-1)
 

@@ -8,6 +8,7 @@ import torch
 from mmpeft.eval.answers import _words, word_f1
 from mmpeft.eval.retrieval import recall
 from mmpeft.general_gpt.model import caption_prompt, retrieval_prompt
+from mmpeft.train.placement import device_of
 
 
 def _by_row(texts: list[tuple[str, int]], limit: int | None) -> tuple[list[int], dict[int, list[str]]]:
@@ -34,8 +35,8 @@ def retrieval_figures(model, tokenizer, vectors: torch.Tensor, texts: list[tuple
         mask = torch.zeros_like(ids)
         for k, p in enumerate(prompts):
             ids[k, :len(p)], mask[k, :len(p)] = torch.tensor(p), 1
-        predicted.append(model.regress(ids, mask))
-    index = torch.nn.functional.normalize(vectors[rows].float(), dim=-1)
+        predicted.append(model.regress(ids.to(device_of(model)), mask.to(device_of(model))))
+    index = torch.nn.functional.normalize(vectors[rows].float(), dim=-1).to(device_of(model))
     scores = torch.nn.functional.normalize(torch.cat(predicted).float(), dim=-1) @ index.T
     truth = torch.arange(len(rows))
     ours = recall(scores, truth)
@@ -47,7 +48,7 @@ def retrieval_figures(model, tokenizer, vectors: torch.Tensor, texts: list[tuple
 
         clip_model, processor = clip
         text = encode_texts(clip_model, processor.tokenizer, queries)
-        base = recall(text @ index.T, truth)
+        base = recall(text @ index.T.to(text.device), truth)
         figures |= {"clip_text_recall_at_1": base[1], "clip_text_recall_at_5": base[5]}
     return figures
 
@@ -62,7 +63,7 @@ def caption_figures(model, tokenizer, vectors: torch.Tensor, texts: list[tuple[s
     prompt = caption_prompt(tokenizer) if task == "caption" else tokenizer.convert_tokens_to_ids(["<emb>"])
     out = []
     for start in range(0, len(rows), batch_size):
-        new = model.caption(vectors[rows[start:start + batch_size]], prompt, max_new_tokens,
+        new = model.caption(vectors[rows[start:start + batch_size]].to(device_of(model)), prompt, max_new_tokens,
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         out += [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in new]
     n = len(rows)

@@ -34,7 +34,8 @@ class ClipEmbeddings(FrozenOutputs):
     def encode(self, images: list) -> torch.Tensor:
         pil = [open_image(im, str(im)[:80]) for im in images]
         pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"]
-        return self.vision(pixel_values=pixels.to(next(self.vision.parameters()).dtype)).pooler_output
+        weight = next(self.vision.parameters())
+        return self.vision(pixel_values=pixels.to(weight.device, weight.dtype)).pooler_output
 
 
 class GillDataset(Dataset):

@@ -70,6 +70,7 @@ def train_decision(model, states: torch.Tensor, labels: torch.Tensor, steps: int
     returns the last loss. GILL: AdamW at 1e-3 for 2,000 steps."""
     optim = torch.optim.AdamW(model.decision.parameters(), lr=lr, weight_decay=0.0)
     model.decision.train()
+    labels = labels.to(states.device)
     for _ in range(steps):
         loss = F.cross_entropy(model.decision_logits(states.detach()), labels)
         loss.backward()
@@ -82,7 +83,7 @@ def train_decision(model, states: torch.Tensor, labels: torch.Tensor, steps: int
 @torch.no_grad()
 def decision_figures(model, states: torch.Tensor, labels: torch.Tensor) -> dict:
     """Decision accuracy on held-out prompts next to always answering the majority class."""
-    pred = model.decision_logits(states).argmax(-1)
+    pred = model.decision_logits(states).argmax(-1).cpu()
     majority = max(labels.float().mean().item(), 1 - labels.float().mean().item())
     return {"decision_accuracy": (pred == labels).float().mean().item(), "decision_majority": majority,
             "decision_retrieve_share": 1 - labels.float().mean().item()}

@@ -14,6 +14,7 @@ from mmpeft.data.stories import voken_text
 from mmpeft.eval.clip_scores import clip_image_embeddings, encode_images, encode_texts
 from mmpeft.eval.retrieval import recall
 from mmpeft.models.diffusion import generate_images
+from mmpeft.train.placement import device_of
 
 
 @torch.no_grad()
@@ -31,7 +32,9 @@ def image_pass_outputs(model, encoder, samples: list[Sample], clip, batch_size: 
         for k, r in enumerate(rows):
             ids[k, :len(r)], mask[k, :len(r)] = torch.tensor(r), 1
         images = [im for s in chunk for im in s.images]
-        _, a, m_in = model.image_pass(ids, mask, clip_embeds=clip(images) if images else None)
+        device = device_of(model)
+        _, a, m_in = model.image_pass(ids.to(device), mask.to(device),
+                                      clip_embeds=clip(images).to(device) if images else None)
         at0.append(a)
         mapped.append(model.mapper(m_in))
     return torch.cat(at0), torch.cat(mapped)
@@ -53,7 +56,7 @@ def retrieval_figures(model, encoder, pairs, clip, clip_model, clip_processor,
     images = [p.images[0] for p in pairs]
     captions = [p.messages[-1]["content"] for p in pairs]
     at0, _ = image_pass_outputs(model, encoder, [query(c, prompt, len(model.voken_ids)) for c in captions], clip)
-    index = model.retrieval.embed_image(clip(images))
+    index = model.retrieval.embed_image(clip(images).to(at0.device))
     truth = torch.arange(len(pairs))
     ours = recall(model.retrieval.embed_text(at0) @ index.T, truth)
     pixels = clip_processor(images=[open_image(im, str(im)) for im in images], return_tensors="pt")["pixel_values"]
@@ -84,7 +87,7 @@ def story_figures(model, pipeline, encoder, stories: dict, clip, clip_model, cli
     captions with the first four images: recall@1 among the stories' last images and CLIP
     similarity of the generated image to the true one."""
     lasts = [s[-1].image for s in stories.values()]
-    index = model.retrieval.embed_image(clip(lasts))
+    index = model.retrieval.embed_image(clip(lasts).to(device_of(model)))
     truth_clip = clip_image_embeddings(clip_model, clip_processor, [open_image(im, str(im)) for im in lasts])
     out = {"stories": len(stories)}
     for name, with_images in (("captions", False), ("captions_images", True)):

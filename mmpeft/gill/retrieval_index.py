@@ -56,7 +56,7 @@ class RetrievalIndex:
         """Top-`k` (scores, indices) for each query state at `[IMG0]`, by cosine similarity
         of the head's text and image embeddings."""
         text = retrieval_head.embed_text(text_states)
-        image = retrieval_head.embed_image(self.embeddings.to(text.dtype))
+        image = retrieval_head.embed_image(self.embeddings.to(text.device, text.dtype))
         return (text @ image.T).topk(min(k, len(self.items)), dim=-1)
 
 

@@ -44,3 +44,16 @@ def answer_accuracy(model, encoder: ConversationEncoder, rows: list[dict], batch
         "by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
         "examples": answers,
     }
+
+
+def accuracy_before_training(model, encoder: ConversationEncoder, rows: list[dict], device: torch.device,
+                             partitioned: bool, log=print) -> dict | None:
+    """`answer_accuracy` of the model before it trains, on `device` (None without `rows`).
+    A model whose LM loaded partitioned over the ranks (ZeRO-3) cannot run on one rank
+    before the engine starts: then it says so to `log` and returns None."""
+    if not rows:
+        return None
+    if partitioned:
+        log("evaluation before training: skipped, as the LM is partitioned over the ranks (ZeRO-3) until it trains")
+        return None
+    return answer_accuracy(model.to(device), encoder, rows)

@@ -115,18 +115,26 @@ def qlora_device_map(env=None, cuda: bool | None = None) -> dict | None:
 
 
 def load_base_models(preset, qlora: bool = False, dtype: torch.dtype = torch.float32, log=print,
-                     attn_implementation: str | None = "sdpa"):
+                     attn_implementation: str | None = "sdpa", zero3: dict | None = None):
     """From a resolved preset: the causal LM (4-bit NF4 when `qlora`, on this rank's GPU;
     its head and the vision tower stay unquantized), its tokenizer, the CLIP vision tower
     and CLIP's image processor. `attn_implementation`: the LM's attention kernel (`sdpa`,
     `flash_attention_2` when flash-attn is installed, `eager`). `log` gets the loaders'
     notes (a base read from `.bin` weights). No k-bit preparation casts weights to float32:
     DeepSpeed's bf16 engine holds them in bf16 (the trained ones with float32 masters), and
-    checkpointing is `training.gradient_checkpointing`."""
+    checkpointing is `training.gradient_checkpointing`. `zero3`: a ZeRO-3 DeepSpeed config
+    (`mmpeft.train.placement.zero3_loading_config`), to load the LM partitioned over the
+    ranks; the vision tower loads whole, as the feature cache runs it on one rank."""
     from mmpeft.presets import load_clip, load_lm
+    from mmpeft.train.placement import partitioned_loading
 
     quantized = {"quantization_config": nf4_config(dtype), "device_map": qlora_device_map()} if qlora else {}
-    lm, tokenizer = load_lm(preset, log=log, dtype=dtype, attn_implementation=attn_implementation, **quantized)
+    with partitioned_loading(zero3):
+        lm, tokenizer = load_lm(preset, log=log, dtype=dtype, attn_implementation=attn_implementation, **quantized)
+    if zero3:
+        import torch.distributed as dist
+
+        log(f"LM: loaded partitioned over {dist.get_world_size()} rank(s) (ZeRO-3), each holding its shard")
     ensure_pad_token(tokenizer)
     clip, processor = load_clip(preset, log=log, dtype=dtype)
     return lm, tokenizer, clip.vision_model, processor.image_processor

@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader
 from mmpeft.data.conversation import Sample
 from mmpeft.data.stories import VokenDataset, VokenSample, collate_vokens, story_context
 from mmpeft.eval.clip_scores import clip_image_embeddings, clip_text_embeddings
-from mmpeft.minigpt5.generation import interleaved_generate
+from mmpeft.minigpt5.generation import interleaved_generate, prompt_tensors
 from mmpeft.minigpt5.model import diffusion_target
 from mmpeft.models.diffusion import generate_from_captions, generate_images
+from mmpeft.train.placement import device_of, to_device
 
 
 def _batches(model, dataset: VokenDataset, batch_size: int):
@@ -30,6 +31,7 @@ def mapped_conditions(model, dataset: VokenDataset, batch_size: int = 16) -> tup
     model.eval()
     conds, latents = [], []
     for batch in _batches(model, dataset, batch_size):
+        batch = to_device(batch, device_of(model))
         target = batch.pop("target_latents")
         batch.pop("caption_embeds", None)
         states, _ = model.voken_states(batch)
@@ -74,8 +76,7 @@ def voken_emission(model, encoder, samples: list[VokenSample], max_new_tokens: i
     hits = 0
     for item in samples:
         prompt = Sample(item.sample.id, item.sample.messages[:-1], item.sample.images)
-        ids = torch.tensor([encoder.encode_prompt(prompt)])
-        pixels = encoder.images(prompt)
+        ids, pixels = prompt_tensors(model, encoder, prompt)
         out = model.llava.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                                    max_new_tokens=max_new_tokens, do_sample=False)
         hits += int(model.voken_ids[0] in out[0, ids.shape[1]:].tolist())

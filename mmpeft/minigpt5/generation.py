@@ -6,6 +6,15 @@ import torch
 
 from mmpeft.data.conversation import Sample
 from mmpeft.models.diffusion import generate_images
+from mmpeft.train.placement import device_of
+
+
+def prompt_tensors(model, encoder, prompt: Sample) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(input ids (1, n), pixel values or None)` of a prompt conversation, on the model's device."""
+    device = device_of(model)
+    pixels = encoder.images(prompt)
+    return (torch.tensor([encoder.encode_prompt(prompt)], device=device),
+            None if pixels is None else pixels.to(device))
 
 
 @torch.no_grad()
@@ -15,8 +24,8 @@ def interleaved_generate(model, pipeline, encoder, prompt: Sample, guidance: flo
     that Stable Diffusion draws from the run's mapped states (the rest of the run is
     appended by rule), with guidance against the learned unconditional embedding.
     Returns `(text before the vokens, image or None)`."""
-    ids = torch.tensor([encoder.encode_prompt(prompt)])
-    pixels = encoder.images(prompt)
+    ids, pixels = prompt_tensors(model, encoder, prompt)
+    device = ids.device
     out = model.llava.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                                max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
     first = model.voken_ids[0]
@@ -24,7 +33,7 @@ def interleaved_generate(model, pipeline, encoder, prompt: Sample, guidance: flo
     text = encoder.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
     if first not in out:
         return text, None
-    full = torch.tensor([ids[0].tolist() + text_ids + model.voken_ids])
+    full = torch.tensor([ids[0].tolist() + text_ids + model.voken_ids], device=device)
     states, _ = model.voken_states({"input_ids": full, "attention_mask": torch.ones_like(full),
                                     "pixel_values": pixels})
     cond = model.mapper(states)

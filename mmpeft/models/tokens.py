@@ -15,7 +15,11 @@ def add_tokens(tokenizer, lm, tokens: list[str], base_tokens: int | None = None)
     50,265 tokens) would otherwise put new tokens on untrained padding rows. `base_tokens`
     defaults to the tokenizer's length before the missing tokens are added, or to the
     embedding's rows when none is missing (a rebuild from a saved tokenizer, whose base has
-    no padding rows); give it when rebuilding on a padded vocabulary."""
+    no padding rows); give it when rebuilding on a padded vocabulary.
+
+    Under ZeRO-3 partitioned loading (`mmpeft.train.placement.partitioned_loading`) call it
+    inside the same block, on every rank: the resize and the new rows gather the partitioned
+    matrices and partition them again."""
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
     old = lm.get_input_embeddings().num_embeddings
     if base_tokens is None:
@@ -27,7 +31,24 @@ def add_tokens(tokenizer, lm, tokens: list[str], base_tokens: int | None = None)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     new = sorted(i for i in ids if i >= base_tokens)
     if new:
-        with torch.no_grad():
-            for matrix in {id(m): m for m in (lm.get_input_embeddings(), lm.get_output_embeddings())}.values():
-                matrix.weight[new] = matrix.weight[:base_tokens].float().mean(0, keepdim=True).to(matrix.weight.dtype)
+        weights = list({id(m.weight): m.weight for m in (lm.get_input_embeddings(), lm.get_output_embeddings())
+                        if m is not None}.values())
+        with gathered(weights), torch.no_grad():
+            for weight in weights:
+                weight[new] = weight[:base_tokens].float().mean(0, keepdim=True).to(weight.dtype)
     return ids
+
+
+def gathered(weights: list[torch.nn.Parameter]):
+    """A context in which ZeRO-3 shards among `weights` are whole, and changes made on
+    rank 0 are partitioned again on leaving (every rank must enter it); a plain context for
+    unpartitioned weights."""
+    from contextlib import nullcontext
+
+    from mmpeft.train.placement import is_partitioned
+
+    if not any(is_partitioned(w) for w in weights):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(weights, modifier_rank=0)

@@ -163,6 +163,8 @@ def check_frozen_parts_loaded(parts: Iterable[PartOrigin], allowed: Iterable[str
 
 
 def trainable_parameter_count(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+    """(trainable, total) parameter counts, of whole tensors also under ZeRO-3 partitioning."""
+    from mmpeft.train.placement import full_numel
+
+    total = sum(full_numel(p) for p in model.parameters())
+    return sum(full_numel(p) for p in model.parameters() if p.requires_grad), total

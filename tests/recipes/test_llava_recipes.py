@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPORT_FILES = {"chat_template.jinja", "connector.safetensors", "mmpeft_config.json", "processor_config.json",
                 "tokenizer.json", "tokenizer_config.json"}
 LORA_FILES = {"adapter_config.json", "adapter_model.safetensors", "llava_adapter"}
-CHECKPOINT_FILES = {"ds", "rng_rank0.pt", "trainer_state.json"}
+CHECKPOINT_FILES = {"ds", "rng_rank0.pt", "trainer_state.json", "training.png"}
+RUN_REPORT = {"metrics.jsonl", "runs", "training.png"}  # mmpeft.train.reporting: metrics, TensorBoard, plot
 
 
 def _command(script, out, world, zoo, *overrides, launcher="python", resume=None):
@@ -60,7 +61,8 @@ def stage2(stage1, small_world, small_zoo):
 
 def test_stage1_trains_the_connector_and_writes_exactly_its_files(stage1):
     out, stdout = stage1
-    assert {p.name for p in out.iterdir()} == EXPORT_FILES | {"checkpoint-2", "checkpoint-4", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES | RUN_REPORT | {"checkpoint-2", "checkpoint-4",
+                                                                      "metrics.json"}
     assert {p.name for p in (out / "checkpoint-2").iterdir()} == EXPORT_FILES | CHECKPOINT_FILES
     losses = [h["loss"] for h in _history(out / "checkpoint-4")]
     assert len(losses) == 4 and 5.0 < losses[0] < 7.0 and losses[-1] < losses[0]
@@ -72,8 +74,8 @@ def test_stage1_trains_the_connector_and_writes_exactly_its_files(stage1):
 def test_stage2_writes_adapter_connector_and_processor_in_every_checkpoint(stage2, stage1):
     out, stdout = stage2
     assert f"connector: from stage 1 at {stage1[0]}" in stdout
-    assert {p.name for p in out.iterdir()} == EXPORT_FILES | LORA_FILES | {"checkpoint-2", "checkpoint-4",
-                                                                             "metrics.json"}
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES | LORA_FILES | RUN_REPORT | {"checkpoint-2", "checkpoint-4",
+                                                                                          "metrics.json"}
     for step in (2, 4):
         assert {p.name for p in (out / f"checkpoint-{step}").iterdir()} == EXPORT_FILES | LORA_FILES | CHECKPOINT_FILES
     losses = [h["loss"] for h in _history(out / "checkpoint-4")]
@@ -191,6 +193,8 @@ def test_loss_curve_is_the_same_on_one_and_two_ranks_under_zero2_and_zero3(stage
         cmd[cmd.index("--num_gpus") + 1] = str(ranks)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # under ZeRO-3 each rank loads only its shard of the LM
+        assert (f"LM: loaded partitioned over {ranks} rank(s)" in proc.stdout) == ds.endswith("zero3.json"), name
         curves[name] = [h["loss"] for h in _history(out / "checkpoint-3")]
     reference = curves.pop("zero2, 1 rank")
     for name, curve in curves.items():
@@ -263,7 +267,8 @@ def test_stage2_from_a_released_llava_starts_from_its_weights_and_reloads(releas
                   "training.max_steps=2")
     assert f"model: from {released}, its image token '<image>' and vision_feature_layer -2" in stdout
     # no LM-alone adapter: the run has no separate base LM; llava_adapter/ goes onto the checkpoint itself
-    assert {p.name for p in out.iterdir()} == EXPORT_FILES | {"llava_adapter", "checkpoint-2", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES | RUN_REPORT | {"llava_adapter", "checkpoint-2",
+                                                                      "metrics.json"}
     settings = json.loads((out / "mmpeft_config.json").read_text())
     assert settings["sources"] == {"llava": str(released)} and settings["image_token"] == "<image>"
 

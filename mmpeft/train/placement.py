@@ -1,0 +1,85 @@
+"""Where a rank's models live: on its own accelerator for evaluation and generation, and,
+under ZeRO-3, the LM partitioned over the ranks while it loads.
+
+Without partitioned loading every rank first builds the whole model in host memory and
+DeepSpeed partitions it only when the engine starts: a 7B LM in bf16 is 13.5 GB per rank,
+8 ranks of a node 108 GB at once. Inside `partitioned_loading` transformers'
+`from_pretrained` builds the model under `deepspeed.zero.Init`, so each rank holds its
+1/N of the weights from the first tensor on. A partitioned module has empty parameters
+until gathered: it runs only inside the engine (or under `deepspeed.zero.GatheredParameters`,
+which every rank must enter), so a recipe evaluates a partitioned model only after
+training, on the run reloaded from its output folder. An embedding that grows for new
+tokens is rebuilt whole by transformers (its shape is read elsewhere) and partitioned when
+the engine starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+
+
+def rank_device(env: Mapping[str, str] | None = None, cuda: bool | None = None) -> torch.device:
+    """This rank's accelerator: `cuda:LOCAL_RANK` (the launcher sets it) when CUDA is
+    available, else the CPU. Evaluation and generation after training run there."""
+    env = os.environ if env is None else env
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return torch.device("cuda", int(env.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+
+
+def zero3_loading_config(training: dict, quantized: bool = False) -> dict | None:
+    """The run's DeepSpeed config, filled as the loop fills it, when it partitions
+    parameters (ZeRO-3) and the LM is not quantized (bitsandbytes quantizes while loading,
+    which zero.Init cannot partition); else None. `training`: the recipe's `training:`
+    section. Joins the process group, whose size the config's batch size needs."""
+    from mmpeft.train.loop import TrainConfig, deepspeed_config, setup_distributed
+
+    if quantized:
+        return None
+    _, world = setup_distributed()
+    config = deepspeed_config(TrainConfig(**training), world)
+    return config if config.get("zero_optimization", {}).get("stage") == 3 else None
+
+
+@contextmanager
+def partitioned_loading(ds_config: dict | None) -> Iterator[bool]:
+    """Inside, `from_pretrained` partitions each model over the ranks as it loads it, and
+    transformers' embedding resizing gathers and re-partitions (ZeRO-3's `ds_config`, from
+    `zero3_loading_config`); with None, models load whole. Yields whether it partitions.
+    Every rank must load inside it alike. Outside it, loading is whole again: a reload on
+    one rank after training must not wait for the others."""
+    if ds_config is None:
+        yield False
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    active = HfDeepSpeedConfig(ds_config)  # transformers holds it by a weak reference: keep it alive here
+    try:
+        yield True
+    finally:
+        unset_hf_deepspeed_config()
+        del active
+
+
+def is_partitioned(parameter: torch.nn.Parameter) -> bool:
+    """Whether `parameter` is a ZeRO-3 shard (its full tensor lives across the ranks)."""
+    return hasattr(parameter, "ds_id")
+
+
+def full_numel(parameter: torch.nn.Parameter) -> int:
+    """The element count of `parameter` whole, also when ZeRO-3 holds it partitioned."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """The device `module` computes on (its first parameter's; the CPU when it has none):
+    evaluation code moves its inputs there rather than assuming one."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """`batch` with every tensor moved to `device` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,77 @@
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmpeft.train.placement import partitioned_loading, rank_device, zero3_loading_config
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_each_rank_evaluates_on_its_own_gpu():
+    assert rank_device({"LOCAL_RANK": "3"}, cuda=True) == torch.device("cuda", 3)
+    assert rank_device({}, cuda=True) == torch.device("cuda", 0)  # a plain `python` run: the first GPU
+    assert rank_device({"LOCAL_RANK": "3"}, cuda=False) == torch.device("cpu")
+
+
+def test_only_zero3_without_quantization_loads_partitioned(tmp_path):
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    training = {"output_dir": str(tmp_path), "max_steps": 1, "micro_batch_size": 2}
+    assert zero3_loading_config({**training, "ds_config": str(ROOT / "ds_configs" / "zero2.json")}) is None
+    assert zero3_loading_config({**training, "ds_config": str(ROOT / "ds_configs" / "zero3.json")},
+                                quantized=True) is None  # bitsandbytes quantizes while loading
+    config = zero3_loading_config({**training, "ds_config": str(ROOT / "ds_configs" / "zero3.json")})
+    assert config["zero_optimization"]["stage"] == 3 and config["train_micro_batch_size_per_gpu"] == 2
+    with partitioned_loading(config) as partitioned:
+        assert partitioned and is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled()  # a reload on one rank after training loads whole
+    with partitioned_loading(None) as partitioned:
+        assert not partitioned and not is_deepspeed_zero3_enabled()
+
+
+_RANK = """
+import json, os, sys, torch
+rank, folder, zoo, ds, port = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+import deepspeed
+from mmpeft.llava.model import add_image_token, load_base_models
+from mmpeft.presets import resolve_preset
+from mmpeft.train.placement import full_numel, partitioned_loading, zero3_loading_config
+
+zero3 = zero3_loading_config({"output_dir": folder, "max_steps": 1, "ds_config": ds})
+lm, tokenizer, vision, _ = load_base_models(resolve_preset("tiny", zoo_dir=zoo), zero3=zero3, log=lambda _: None)
+held = sum(p.ds_tensor.numel() for p in lm.parameters())
+whole = sum(full_numel(p) for p in lm.parameters())
+whole_before = [n for n, p in lm.named_parameters() if p.numel()]
+with partitioned_loading(zero3):
+    image_id = add_image_token(tokenizer, lm)
+embedding = lm.get_input_embeddings().weight
+with deepspeed.zero.GatheredParameters([embedding]):
+    row, mean = embedding[image_id].tolist(), embedding[:image_id].float().mean(0).tolist()
+    rows = embedding.shape[0]
+whole_after = [n for n, p in lm.named_parameters() if p.numel()]
+json.dump({"held": held, "whole": whole, "whole_before": whole_before, "whole_after": whole_after,
+           "vision_whole": all(not hasattr(p, "ds_id") for p in vision.parameters()),
+           "row": row, "mean": mean, "rows": rows, "vocab": len(tokenizer)}, open(f"{folder}/rank{rank}.json", "w"))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_zero3_loads_each_rank_s_shard_of_the_lm_and_adds_tokens_across_ranks(two_ranks, small_zoo):
+    from mmpeft.presets import load_lm, resolve_preset
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    results = two_ranks(_RANK, lambda r: [str(small_zoo[0]), str(ROOT / "ds_configs" / "zero3.json"), port])
+    whole = sum(p.numel() for p in load_lm(resolve_preset("tiny", zoo_dir=small_zoo[0]))[0].parameters())
+    for r in results:
+        assert r["whole_before"] == [] and r["vision_whole"]  # the LM's parameters are shards; the tower is whole
+        # transformers builds a resized embedding whole (its shape is read elsewhere); the engine partitions it
+        assert r["whole_after"] == ["model.embed_tokens.weight", "lm_head.weight"]
+        assert r["whole"] == whole and 0 < r["held"] <= whole / 2 + 64  # each rank holds half, up to padding
+        assert r["rows"] == r["vocab"]  # the embedding grew by the image token, across the shards
+        assert r["row"] == pytest.approx(r["mean"], abs=1e-6)  # its row started at the mean of the trained ones
+    assert results[0]["row"] == results[1]["row"]
