@@ -18,9 +18,10 @@
                       real tokenizers) into CACHE/standins/ (--full-size: real sizes, into
                       CACHE/standins/full-size/) and print their folders
     mmpeft plan CONFIG [key=value ...] --gpus N --gpu-memory GIB [--lm-config P] [--clip-config P]
-                      the per-GPU memory plan of a LLaVA recipe config (a file or a shipped
-                      config's name), read from the models' configs only; if it does not fit,
-                      the settings that would
+                [--diffusion-config P]
+                      the per-GPU memory plan of a LLaVA, MiniGPT-5 or GILL recipe config (a
+                      file or a shipped config's name), read from the models' configs only; if
+                      it does not fit, the settings that would
 
 The cache is `--cache`, else `$MMPEFT_CACHE`, else `~/.cache/mmpeft`.
 """
@@ -58,49 +59,99 @@ def _export(args) -> int:
     return 0
 
 
+def _recipe(model: dict) -> str | None:
+    """Which recipe a config is for, by the model sections each has: a mapper and a retrieval
+    head (GILL), a mapper and a connector (MiniGPT-5), a connector alone (LLaVA)."""
+    if "mapper" in model:
+        return "gill" if "retrieval_dim" in model else "minigpt5" if "connector" in model else None
+    return "llava" if "connector" in model else None
+
+
+def _read_config(part: str, source: str | None):
+    from transformers import AutoConfig
+
+    if not source:
+        raise ValueError("the preset names none")
+    if part != "diffusion":
+        return AutoConfig.from_pretrained(source)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    return (UNet2DConditionModel.load_config(source, subfolder="unet"),
+            AutoencoderKL.load_config(source, subfolder="vae"),
+            AutoConfig.from_pretrained(source, subfolder="text_encoder"))
+
+
 def _plan(args) -> int:
     import importlib.resources
     import json
 
-    from transformers import AutoConfig
-
     from mmpeft.config import load_config
     from mmpeft.presets import resolve_preset
     from mmpeft.start import config_file, ds_config_file
-    from mmpeft.train import plan
+    from mmpeft.train import plan, plan_parts
 
     path = config_file(args.config, Path(str(importlib.resources.files("mmpeft.recipes"))) / "configs")
     cfg = load_config(path, args.overrides)
-    m, t = cfg["model"], cfg["training"]
-    preset = resolve_preset(m["preset"], zoo_dir="<zoo>", lm=m.get("lm_path"), clip=m.get("clip_path"))
+    m, t, data = cfg["model"], cfg["training"], cfg["data"]
+    recipe = _recipe(m)
+    if recipe is None:
+        print(f"mmpeft plan: {path} is no LLaVA (model.connector), MiniGPT-5 (model.connector and model.mapper) or "
+              "GILL (model.mapper and model.retrieval_dim) config", file=sys.stderr)
+        return 1
+    preset = resolve_preset(m["preset"], zoo_dir="<zoo>", lm=m.get("lm_path"), clip=m.get("clip_path"),
+                            diffusion=m.get("diffusion_path"))
     sources = {"lm": args.lm_config or preset.lm, "clip": args.clip_config or preset.clip}
+    if recipe != "llava":
+        sources["diffusion"] = args.diffusion_config or preset.diffusion
     configs = {}
     for part, source in sources.items():
         try:
-            configs[part] = AutoConfig.from_pretrained(source)
+            configs[part] = _read_config(part, source)
         except (OSError, ValueError) as err:
+            what = ("a Stable Diffusion folder with unet/, vae/ and text_encoder/ configs" if part == "diffusion"
+                    else "a config.json or a folder")
             print(f"mmpeft plan: cannot read the {part} config from {source} ({err}); offline, give "
-                  f"--{part}-config (a config.json or a folder) or model.{part}_path=<local folder>", file=sys.stderr)
+                  f"--{part}-config ({what}) or model.{part}_path=<local folder>", file=sys.stderr)
             return 1
     ds = json.loads(Path(ds_config_file(t["ds_config"], path)).read_text()) if t.get("ds_config") else {}
     zero = ds.get("zero_optimization", {})
     lm, vision = plan.lm_sizes(configs["lm"]), plan.vision_sizes(configs["clip"])
-    connector = plan.connector_params(m["connector"], vision.hidden, lm.hidden)
-    targets = m["lora"].get("targets", "all-linear")
+    lora = m.get("lora", {})  # a stage that trains no LoRA (LLaVA's stage 1) has none
+    targets = lora.get("targets", "all-linear")
     settings = plan.Settings(
         gpus=args.gpus, micro_batch_size=t["micro_batch_size"], grad_accum=t["grad_accum"],
-        max_length=cfg["data"]["max_length"], gradient_checkpointing=bool(t["gradient_checkpointing"]),
+        max_length=data["max_length"], gradient_checkpointing=bool(t.get("gradient_checkpointing")),
         dtype_bytes=2 if t.get("bf16") or t.get("fp16") else 4, zero_stage=zero.get("stage", 0),
         offload_param=zero.get("offload_param", {}).get("device", "none") != "none",
         offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") != "none",
-        qlora=bool(m["qlora"]), lora_r=m["lora"]["r"], lora_dropout=m["lora"].get("dropout", 0.0),
+        qlora=bool(m.get("qlora")), lora_r=lora.get("r", 0), lora_dropout=lora.get("dropout", 0.0),
         lora_targets=targets if targets == "all-linear" else tuple(targets), trainable=m["trainable"],
+        new_token_rows=m.get("n_vokens", 0),  # the vokens' ([IMG]) rows of the embeddings and head train
         eager_attention=m.get("attn_implementation") == "eager")
-    result = plan.memory_plan(lm, vision, connector, settings, args.gpu_memory)
-    print(f"{path}: LM {sources['lm']}, vision {sources['clip']} ({vision.image_tokens} tokens per image, "
-          "counted in data.max_length)")
+    parts = None
+    if recipe == "gill":  # CLIP stays on the host: its embeddings are inputs and targets
+        clip, vision, connector = vision, plan.VisionSizes(0, 0, 0), 0
+        parts = plan_parts.gill_parts(lm, clip, plan_parts.diffusion_sizes(*configs["diffusion"]), m["mapper"],
+                                      m["n_vokens"], m["image_tokens"], m["retrieval_dim"],
+                                      data.get("concat_captions", 0) > 0)
+    else:
+        connector = plan.connector_params(m["connector"], vision.hidden, lm.hidden)
+    if recipe == "minigpt5":  # stage 2's stories show images (at most as many as data.max_length holds)
+        fit = data["max_length"] // vision.image_tokens
+        shown = min(fit, data["history"] + 1) if isinstance(data.get("history"), int) else fit
+        images = shown if "tasks" in data and not data.get("feature_cache") else 0
+        parts = plan_parts.minigpt5_parts(lm, vision, plan_parts.diffusion_sizes(*configs["diffusion"]), m["mapper"],
+                                          m["mapper_trainable"], m["n_vokens"], images)
+    result = plan.memory_plan(lm, vision, connector, settings, args.gpu_memory, parts)
+    if parts is None:
+        print(f"{path}: LM {sources['lm']}, vision {sources['clip']} ({vision.image_tokens} tokens per image, "
+              "counted in data.max_length)")
+    else:
+        print(f"{path}: {parts.recipe}; LM {sources['lm']}, CLIP {sources['clip']}, Stable Diffusion "
+              f"{sources['diffusion']}")
+        print(plan_parts.describe_parts(parts, lm, vision, connector, settings))
     print(plan.describe(result, args.samples))
-    options = [] if result.fits else plan.suggestions(lm, vision, connector, settings, args.gpu_memory)
+    options = [] if result.fits else plan.suggestions(lm, vision, connector, settings, args.gpu_memory, parts)
     if not result.fits and not options:
         print("  no setting the plan knows (checkpointing, ZeRO-3, qlora, offload, a smaller micro batch) fits")
     for option in options:
@@ -144,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU (80 for an 80 GB A100 or H100)")
     sub.add_argument("--lm-config", help="the LM's config.json or folder, in place of the config's source")
     sub.add_argument("--clip-config", help="CLIP's config.json or folder, in place of the config's source")
+    sub.add_argument("--diffusion-config", help="a Stable Diffusion folder (unet/, vae/, text_encoder/ configs), in "
+                     "place of the config's source (MiniGPT-5, GILL)")
     sub.add_argument("--samples", type=int, help="training samples, for the steps per epoch")
     args = parser.parse_args(argv)
     if args.command == "plan":

@@ -18,6 +18,9 @@ plain numbers. Bytes are split as a run spends them:
 - activations: see `activation_bytes`; the loss's float32 log-probabilities,
   `4 * s * b * vocab`.
 - a fixed reserve for the CUDA context and allocator slack (`RESERVE_GIB`).
+- host memory per rank while loading: every part whole, except a LLaVA LM under ZeRO-3
+  (not quantized), which loads partitioned (`mmpeft.train.placement`): its 1/N, and its
+  embeddings whole.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64,
 @dataclass(frozen=True)
 class LMSizes:
     """A causal LM's shape and parameter counts. `linears`: (in, out) of every linear layer
-    of the decoder (the head excluded), `linear_names` their last name components."""
+    of the decoder (the head excluded), `linear_names` their last name components. `gated`:
+    its MLP has two linear layers into the intermediate width (SwiGLU's gate and up);
+    `norm_upcast`: its norms compute in float32 (RMSNorm; LayerNorm does not); `dropout`:
+    its residual dropout while it trains (OPT's 0.1)."""
 
     params: int
     hidden: int
@@ -45,6 +51,9 @@ class LMSizes:
     linears: tuple[tuple[int, int], ...]
     linear_names: tuple[str, ...]
     tied: bool
+    gated: bool = True
+    norm_upcast: bool = True
+    dropout: float = 0.0
 
     @property
     def linear_params(self) -> int:
@@ -53,11 +62,14 @@ class LMSizes:
 
 @dataclass(frozen=True)
 class VisionSizes:
-    """A vision tower's parameter count, width and image tokens (`(image_size / patch) ** 2`)."""
+    """A vision tower's parameter count, width and image tokens (`(image_size / patch) ** 2`),
+    its depth and MLP width."""
 
     params: int
     hidden: int
     image_tokens: int
+    layers: int = 0
+    intermediate: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,12 +112,16 @@ def lm_sizes(config) -> LMSizes:
     hidden = text.hidden_size
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or hidden // heads
+    intermediate = getattr(text, "intermediate_size", None) or text.ffn_dim
+    into_mlp = sum(m.out_features == intermediate for _, m in linears) // text.num_hidden_layers
     return LMSizes(
         params=sum(p.numel() for p in model.parameters()), hidden=hidden, layers=text.num_hidden_layers, heads=heads,
         kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
-        intermediate=getattr(text, "intermediate_size", None) or text.ffn_dim, vocab=text.vocab_size,
+        intermediate=intermediate, vocab=text.vocab_size,
         linears=tuple((m.in_features, m.out_features) for _, m in linears), linear_names=tuple(n for n, _ in linears),
-        tied=head is not None and head.weight is model.get_input_embeddings().weight)
+        tied=head is not None and head.weight is model.get_input_embeddings().weight, gated=into_mlp >= 2,
+        norm_upcast=not any(isinstance(m, nn.LayerNorm) for m in model.modules()),
+        dropout=float(getattr(text, "dropout", 0.0) or 0.0))
 
 
 def vision_sizes(config) -> VisionSizes:
@@ -117,7 +133,8 @@ def vision_sizes(config) -> VisionSizes:
     with torch.device("meta"):
         tower = CLIPVisionModel(vision)
     return VisionSizes(sum(p.numel() for p in tower.parameters()), vision.hidden_size,
-                       (vision.image_size // vision.patch_size) ** 2)
+                       (vision.image_size // vision.patch_size) ** 2, vision.num_hidden_layers,
+                       vision.intermediate_size)
 
 
 def connector_params(connector: str, vision_hidden: int, text_hidden: int) -> int:
@@ -177,18 +194,22 @@ class Plan:
         return sum(self.gpu.values())
 
 
-def memory_plan(lm: LMSizes, vision: VisionSizes, connector: int, s: Settings, gpu_memory_gib: float) -> Plan:
+def memory_plan(lm: LMSizes, vision: VisionSizes, connector: int, s: Settings, gpu_memory_gib: float,
+                parts=None) -> Plan:
     """The per-GPU and per-rank host memory of a LLaVA-style run (vision tower, connector,
-    LM) under settings `s`, and whether it fits in `gpu_memory_gib` per GPU."""
+    LM) under settings `s`, and whether it fits in `gpu_memory_gib` per GPU. `parts`: what a
+    GILL or MiniGPT-5 run holds besides (`plan_parts.RecipeParts`: its parameters on the GPU,
+    trained or frozen, those kept on the host, and its activations in place of LLaVA's)."""
     d, n = s.dtype_bytes, s.gpus
     choice = {part: s.trainable.get(part, "frozen") for part in ("vision", "connector", "llm")}
     lm_linear = lm.linear_params
-    rest = lm.params - lm_linear + vision.params + connector
+    beside = parts.gpu_frozen + parts.trained if parts else 0
+    rest = lm.params - lm_linear + vision.params + connector + beside
     frozen_weights = lm_linear * (NF4_BYTES if s.qlora else d) + rest * d
     added = s.new_token_rows * lm.hidden * (1 if lm.tied else 2)
     added += lora_params(lm, s.lora_r, s.lora_targets) if choice["llm"] == "lora" else 0
     full = {"llm": lm.params, "vision": vision.params, "connector": connector}
-    trainable = added + sum(n for part, n in full.items() if choice[part] == "full")
+    trainable = added + sum(n for part, n in full.items() if choice[part] == "full") + (parts.trained if parts else 0)
     weights = frozen_weights + added * d  # LoRA and token rows sit beside the base weights
     stage3 = s.zero_stage >= 3
     largest_layer = max(lm.linear_params // lm.layers * (NF4_BYTES if s.qlora else d), 1)
@@ -196,21 +217,30 @@ def memory_plan(lm: LMSizes, vision: VisionSizes, connector: int, s: Settings, g
     optimizer_per_param = 12 if d == 2 else 8
     grads = trainable * d / (n if s.zero_stage >= 2 else 1)
     optimizer = trainable * optimizer_per_param / (n if s.zero_stage >= 1 else 1)
-    layer = activation_bytes(lm, s.max_length, s.micro_batch_size, d, s.lora_dropout, s.eager_attention)
-    if s.gradient_checkpointing:
-        activations = 2 * s.max_length * s.micro_batch_size * lm.hidden * lm.layers + layer
+    if parts:
+        activations = parts.activations(lm, s)
     else:
-        activations = layer * lm.layers
+        layer = activation_bytes(lm, s.max_length, s.micro_batch_size, d, s.lora_dropout, s.eager_attention)
+        if s.gradient_checkpointing:
+            kept = 2 * s.max_length * s.micro_batch_size * lm.hidden * lm.layers + layer
+        else:
+            kept = layer * lm.layers
+        activations = {"activations": kept, "logits": 4 * s.max_length * s.micro_batch_size * lm.vocab}
     weights_gpu = (0 if s.offload_param else weights / n) + gathered if stage3 else weights
     gpu = {"weights": weights_gpu, "gradients": grads, "optimizer": 0 if s.offload_optimizer else optimizer,
-           "activations": activations, "logits": 4 * s.max_length * s.micro_batch_size * lm.vocab,
-           "reserve": RESERVE_GIB * GIB}
-    host = {"loading": (lm.params + vision.params + connector) * d,
+           **activations, "reserve": RESERVE_GIB * GIB}
+    on_host = parts.host_only if parts else 0
+    loaded = lm.params + vision.params + connector + beside + on_host
+    lm_held = lm.params
+    if stage3 and not s.qlora and parts is None:  # the LLaVA recipes load a ZeRO-3 LM partitioned
+        embeddings = lm.vocab * lm.hidden * (1 if lm.tied else 2)  # rebuilt whole when the image token is added
+        lm_held = (lm.params - embeddings) / n + embeddings
+    host = {"loading": (loaded - lm.params + lm_held) * d, **({"kept on the host": on_host * d} if parts else {}),
             "offloaded weights": weights / n if stage3 and s.offload_param else 0,
             "offloaded optimizer": trainable * (optimizer_per_param + 4) / n if s.offload_optimizer else 0}
     gpu = {k: int(v) for k, v in gpu.items()}
     total = sum(gpu.values())
-    return Plan(s, lm.params + vision.params + connector, int(trainable), gpu, {k: int(v) for k, v in host.items()},
+    return Plan(s, loaded, int(trainable), gpu, {k: int(v) for k, v in host.items()},
                 total <= gpu_memory_gib * GIB, gpu_memory_gib)
 
 
@@ -224,11 +254,13 @@ REMEDIES = (
 )
 
 
-def suggestions(lm: LMSizes, vision: VisionSizes, connector: int, s: Settings, gpu_memory_gib: float) -> list[Plan]:
+def suggestions(lm: LMSizes, vision: VisionSizes, connector: int, s: Settings, gpu_memory_gib: float,
+                parts=None) -> list[Plan]:
     """Settings near `s` that fit: for each remedy not already in `s` (checkpointing, ZeRO-3,
     QLoRA, ZeRO-3 with offload), alone and after it the largest micro batch that fits, the
     gradient accumulation raised to keep the global batch. Returns the fitting plans, each
-    `settings` changed accordingly; see `overrides` for the settings as recipe overrides."""
+    `settings` changed accordingly; see `overrides` for the settings as recipe overrides.
+    `parts` as in `memory_plan`."""
     out = []
     for _, change in ((None, {}), *REMEDIES):
         if change and all(getattr(s, k) == v for k, v in change.items()):
@@ -237,7 +269,7 @@ def suggestions(lm: LMSizes, vision: VisionSizes, connector: int, s: Settings, g
         while batch >= 1:
             accum = max(1, s.grad_accum * s.micro_batch_size // batch)
             plan = memory_plan(lm, vision, connector, replace(s, micro_batch_size=batch, grad_accum=accum, **change),
-                               gpu_memory_gib)
+                               gpu_memory_gib, parts)
             if plan.fits:
                 if plan.settings != s:
                     out.append(plan)

@@ -110,6 +110,17 @@ def test_vicuna_7b_fits_8_x_80_with_zero3_and_checkpointing_but_not_1_x_24():
     assert quantized.gpu["weights"] < small.gpu["weights"] / 2.5  # 4-bit linears, 16-bit head, embeddings, vision
 
 
+def test_a_zero3_llava_rank_loads_its_shard_of_the_lm_on_the_host():
+    lm, vision, connector = _vicuna_7b()
+    llava = _settings(zero_stage=3, gpus=8, trainable={"vision": "frozen", "connector": "full", "llm": "lora"})
+    whole = plan.memory_plan(lm, vision, connector, replace(llava, zero_stage=2), 80).host["loading"]
+    assert whole == (lm.params + vision.params + connector) * 2
+    embeddings = lm.vocab * lm.hidden * 2  # untied; rebuilt whole when the image token is added
+    shard = (lm.params - embeddings) / 8 + embeddings + vision.params + connector
+    assert plan.memory_plan(lm, vision, connector, llava, 80).host["loading"] == int(shard * 2)
+    assert plan.memory_plan(lm, vision, connector, replace(llava, qlora=True), 80).host["loading"] == whole
+
+
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory):
     from mmpeft.standins.build import build_standins
@@ -131,3 +142,54 @@ def test_the_cli_plans_llava_finetune_7b_from_local_folders(standins, capsys, gp
     assert f"{gpus} GPU(s), ZeRO-3" in out
     assert re.search(rf"verdict: {verdict} in {memory:g} GiB", out)
     assert ("fits with" in out or "no setting" in out) == (verdict != "fits")
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("config,parts", [
+    ("gill_opt", {"lm": "opt", "clip": "clip224", "diffusion": "sd15"}),
+    ("minigpt5_stage1_vicuna", {"lm": "lm", "clip": "clip", "diffusion": "sd21_base"}),
+    ("minigpt5_stage2_vicuna", {"lm": "lm", "clip": "clip", "diffusion": "sd21_base"})])
+@pytest.mark.parametrize("gpus,memory,verdict", [(8, 80, "fits"), (1, 0.5, "does not fit")])
+def test_the_cli_plans_gill_and_minigpt5_from_local_folders(standins, capsys, config, parts, gpus, memory, verdict):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    argv = ["plan", f"recipes/configs/{config}.yaml", *(f"model.{k}_path={standins[v]}" for k, v in parts.items()),
+            "--gpus", str(gpus), "--gpu-memory", str(memory)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    sd = standins[parts["diffusion"]]
+    unet = _count(UNet2DConditionModel.from_pretrained(sd, subfolder="unet"))
+    beside = _count(AutoencoderKL.from_pretrained(sd, subfolder="vae"))
+    beside += _count(CLIPTextModel.from_pretrained(sd, subfolder="text_encoder"))
+    lm = _count(AutoModelForCausalLM.from_pretrained(standins[parts["lm"]]))
+    vision = _count(CLIPVisionModel.from_pretrained(standins[parts["clip"]]))
+    assert f"parts: LM {lm:,} (" in out
+    if config == "gill_opt":  # CLIP and all of Stable Diffusion stay on the host; the frozen OPT is not checkpointed
+        assert out.startswith(f"recipes/configs/{config}.yaml: GILL;")
+        assert f"on the host CLIP and Stable Diffusion {vision + unet + beside:,};" in out
+        assert "in eval mode, so not checkpointed" in out and "UNet activations" not in out
+        assert "LM passes a sample: 2 x 48 + 1 x 48 tokens" in out
+    else:
+        assert out.startswith(f"recipes/configs/{config}.yaml: MiniGPT-5;")
+        assert f"vision {vision:,} (frozen)" in out and f"UNet {unet:,} (frozen)" in out
+        assert f"on the host VAE and text encoder {beside:,};" in out
+        shown = 3072 // 576 if config.endswith("stage2_vicuna") else 0  # stage 1 shows no image
+        assert f"a sample: {shown} image(s) of 576 tokens through the tower" in out
+        assert ("vision activations" in out) == bool(shown)
+    assert re.search(rf"verdict: {verdict} in {memory:g} GiB", out)
+    assert ("fits with" in out or "no setting" in out) == (verdict != "fits")
+
+
+def test_the_cli_names_what_it_cannot_read_or_plan(standins, capsys, tmp_path):
+    argv = ["plan", "recipes/configs/minigpt5_stage2_vicuna.yaml", f"model.lm_path={standins['lm']}",
+            f"model.clip_path={standins['clip']}", "--gpu-memory", "80"]
+    assert main([*argv, "--diffusion-config", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read the diffusion config from {tmp_path}" in err
+    assert "give --diffusion-config (a Stable Diffusion folder with unet/, vae/ and text_encoder/ configs)" in err
+    assert main(["plan", "recipes/configs/flamingo_tiny.yaml", "--gpu-memory", "80"]) == 1
+    assert "is no LLaVA (model.connector), MiniGPT-5" in capsys.readouterr().err
