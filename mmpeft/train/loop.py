@@ -7,9 +7,11 @@ The modules a recipe names as frozen run in eval mode throughout (`train_mode`):
 dropout stays off while the trained parts' dropout (LoRA's, say) works.
 
 A checkpoint `checkpoint-{step}/` holds the engine state (trainable weights, optimizer,
-scheduler, `ds/`), each rank's RNG state, `trainer_state.json` (written last: a folder
-without it is incomplete and ignored), and whatever the recipe's `export` writes there
-(adapter, connector, processor, config), so every checkpoint also loads for inference.
+scheduler, `ds/`), each rank's RNG state, `training.png`, `trainer_state.json` (written
+last: a folder without it is incomplete and ignored), and whatever the recipe's `export`
+writes there (adapter, connector, processor, config), so every checkpoint also loads for
+inference. What a run shows and logs as it goes (bar or lines, `metrics.jsonl`, TensorBoard,
+wandb, MLflow) is in `mmpeft.train.reporting`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +32,16 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from mmpeft.train.collectives import all_reduce
+from mmpeft.train.reporting import (
+    RunReport,
+    Throughput,
+    chosen_reporters,
+    grad_norm_entry,
+    gradient_norm,
+    memory_used,
+    part_learning_rates,
+    progress_bar_wanted,
+)
 from mmpeft.train.resume import (
     STATE_FILE,
     check_resume_world,
@@ -61,6 +74,7 @@ class TrainConfig:
     save_steps: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     log_steps: int = 10
+    report_to: str | list[str] = "auto"  # tensorboard, wandb, mlflow, a list, none; auto: tensorboard if installed
     ds_config: str | None = "ds_configs/zero2.json"
     bf16: bool = False
     fp16: bool = False  # for GPUs without bf16 (V100, T4): float16 with DeepSpeed's dynamic loss scaling
@@ -249,7 +263,7 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
           forward: Callable[[torch.nn.Module, dict], dict], export: Callable[[Path, bool], None],
           lengths: list[int], has_image: list[bool], resume: str | None = None,
           log: Callable[[str], None] = print, frozen: Sequence[torch.nn.Module] = (),
-          after_step: Callable[[torch.nn.Module], None] | None = None) -> list[dict]:
+          after_step: Callable[[torch.nn.Module], None] | None = None, run_config: dict | None = None) -> list[dict]:
     """Train for `cfg.max_steps` optimizer steps and return the history (one dict per
     step: loss, its parts, learning rate). `forward(engine, batch)` returns a dict with
     `loss` and any named parts; `export(folder, is_main)` writes the inference files.
@@ -257,9 +271,12 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
     modules kept in eval mode while the rest trains (`train_mode`), set again before every
     step so that an export or evaluation in between cannot leave them otherwise;
     `mmpeft.models.trainable.frozen_modules` gives a recipe's frozen parts. `after_step(engine)`
-    runs after every optimizer step (GILL renormalises its `[IMG]` rows there)."""
+    runs after every optimizer step (GILL renormalises its `[IMG]` rows there). `run_config`:
+    the settings the reporters record (a recipe's whole config; the training settings when
+    None). Progress shows as a bar on a terminal, else as `log` lines (`mmpeft.train.reporting`)."""
     import deepspeed
 
+    reporters = chosen_reporters(cfg.report_to)  # on every rank, before any collective: all stop alike
     rank, world = setup_distributed()
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
@@ -295,50 +312,61 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
     batches = iter(loader)
     if rank == 0 and sampler.repeated:
         log(f"{sampler.repeated} sample(s) repeated to fill the last batch of each modality")
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    trainable, part_lrs = [p for _, p in named], part_learning_rates([n for n, _ in named], cfg.lr_by_part)
+    report = RunReport(out, reporters, rank == 0, cfg.max_steps, cfg.log_steps, step, run_config or asdict(cfg), log,
+                       sys.stdout if progress_bar_wanted(sys.stdout) else None, part_lrs, cfg.lr)
     start, device = time.time(), engine.device
-    while step < cfg.max_steps:
-        train_mode(engine, frozen)
-        sums: dict[str, float] = {}
-        micro = []
-        for _ in range(cfg.grad_accum):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                epoch += 1
-                sampler.set_epoch(epoch)
-                batches = iter(loader)
-                batch = next(batches)
-            micro.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-        tokens = _tokens_per_micro_batch(micro, world, device)
-        for batch in micro:
-            if tokens is not None:
-                batch["num_items_in_batch"] = tokens
-            parts = forward(engine, batch)
-            loss = parts["loss"]
-            if not loss.requires_grad:
-                # the batch reaches no trainable weight (text only, with only the connector training):
-                # it still passes through backward and step with zero gradients, as the other ranks do
-                loss = loss + sum(0.0 * p.sum() for p in trainable)
-            engine.backward(loss)
-            engine.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        if after_step is not None:
-            after_step(engine)
-        step += 1
-        factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]
-        # seconds: wall time since this process started training (benchmarks read step times from it)
-        record = {"step": step, **_mean_over_ranks(sums, device), "lr": cfg.lr * factor,
-                  "seconds": time.time() - start}
-        history.append(record)
-        if rank == 0 and (step % cfg.log_steps == 0 or step == cfg.max_steps or step == 1):
-            parts_text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "lr", "seconds"))
-            log(f"step {step}/{cfg.max_steps} {parts_text} lr {record['lr']:.2e} "
-                f"({(time.time() - start) / max(1, len(history)):.2f} s/step)")
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
-            _save_checkpoint(engine, out / f"checkpoint-{step}", step, history, rank, export, cfg)
-    export_trained(engine, out, rank == 0, export)
+    speed = Throughput(cfg.micro_batch_size * cfg.grad_accum * world, device)
+    with report:  # an error closes the reporters, marking the run failed
+        while step < cfg.max_steps:
+            train_mode(engine, frozen)
+            due, own_norm = report.due(step + 1), None
+            sums: dict[str, float] = {}
+            micro = []
+            for _ in range(cfg.grad_accum):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    epoch += 1
+                    sampler.set_epoch(epoch)
+                    batches = iter(loader)
+                    batch = next(batches)
+                micro.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            tokens = _tokens_per_micro_batch(micro, world, device)
+            for i, batch in enumerate(micro):
+                if tokens is not None:
+                    batch["num_items_in_batch"] = tokens
+                parts = forward(engine, batch)
+                loss = parts["loss"]
+                if not loss.requires_grad:
+                    # the batch reaches no trainable weight (text only, with only the connector training):
+                    # it still passes through backward and step with zero gradients, as the other ranks do
+                    loss = loss + sum(0.0 * p.sum() for p in trainable)
+                engine.backward(loss)
+                if due and i == len(micro) - 1:
+                    own_norm = gradient_norm(trainable)  # before the step clips; None under ZeRO
+                engine.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            if after_step is not None:
+                after_step(engine)
+            step += 1
+            speed.add(micro)
+            factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]
+            # seconds: wall time since this process started training (benchmarks read step times from it)
+            record = {"step": step, **_mean_over_ranks(sums, device), "lr": cfg.lr * factor,
+                      "seconds": time.time() - start}
+            history.append(record)
+            report.advance(record)
+            if due:  # on every rank: the token count is summed over them
+                norm = grad_norm_entry(engine.get_global_grad_norm(), own_norm)
+                report.write(record, {**{f"lr_{k}": v * factor for k, v in part_lrs.items()}, **norm,
+                                      **speed.rates(), **memory_used(device)})
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+                _save_checkpoint(engine, out / f"checkpoint-{step}", step, history, rank, export, cfg, report)
+        export_trained(engine, out, rank == 0, export)
+        report.plot(out, history)
     return history
 
 
@@ -356,11 +384,13 @@ def export_trained(engine, folder: Path, is_main: bool, export: Callable[[Path, 
         dist.barrier()
 
 
-def _save_checkpoint(engine, folder: Path, step: int, history: list[dict], rank: int, export, cfg: TrainConfig):
+def _save_checkpoint(engine, folder: Path, step: int, history: list[dict], rank: int, export, cfg: TrainConfig,
+                     report: RunReport):
     engine.save_checkpoint(str(folder / "ds"), tag="state", exclude_frozen_parameters=True)
     torch.save(rng_states(), folder / f"rng_rank{rank}.pt")
     export_trained(engine, folder, rank == 0, export)
     if rank == 0:
+        report.plot(folder, history)
         world = dist.get_world_size() if dist.is_initialized() else 1
         (folder / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "config": asdict(cfg),
                                                      "world_size": world}, indent=1) + "\n")

@@ -14,6 +14,7 @@ from mmpeft.gill.checkpoint import load_gill
 ROOT = Path(__file__).resolve().parents[2]
 FILES = {"chat_template.jinja", "gill_heads.safetensors", "lm_adapter", "mmpeft_config.json", "tokenizer.json",
          "tokenizer_config.json"}
+RUN_REPORT = {"metrics.jsonl", "runs", "training.png"}  # mmpeft.train.reporting: metrics, TensorBoard, plot
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,10 @@ def run(small_world, small_zoo, tmp_path_factory):
 
 def test_writes_its_files_and_logs_every_loss_part(run):
     out, stdout = run
-    assert {p.name for p in out.iterdir()} == FILES | {"checkpoint-2", "checkpoint-4", "metrics.json", "index"}
-    assert {p.name for p in (out / "checkpoint-2").iterdir()} == FILES | {"ds", "rng_rank0.pt", "trainer_state.json"}
+    assert {p.name for p in out.iterdir()} == FILES | RUN_REPORT | {"checkpoint-2", "checkpoint-4", "metrics.json",
+                                                                "index"}
+    assert {p.name for p in (out / "checkpoint-2").iterdir()} == FILES | {"ds", "rng_rank0.pt", "trainer_state.json",
+                                                                          "training.png"}
     history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["history"]
     assert set(history[0]) == {"step", "lr", "seconds", "loss", "caption_loss", "image_lm_loss", "retrieval_loss",
                                "generation_loss"}

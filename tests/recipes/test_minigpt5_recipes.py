@@ -18,7 +18,8 @@ from mmpeft.minigpt5.checkpoint import load_minigpt5
 ROOT = Path(__file__).resolve().parents[2]
 EXPORT = {"chat_template.jinja", "connector.safetensors", "mmpeft_config.json", "processor_config.json",
           "tokenizer.json", "tokenizer_config.json", "llava_adapter", "mapper.safetensors"}
-CHECKPOINT = {"ds", "trainer_state.json"}
+CHECKPOINT = {"ds", "trainer_state.json", "training.png"}
+RUN_REPORT = {"metrics.jsonl", "runs", "training.png"}  # mmpeft.train.reporting: metrics, TensorBoard, plot
 SCRATCH_MAPPER = "model.mapper_trainable={mlp: full, query: full, transformer: full}"  # no stage 1 to start from
 
 
@@ -74,7 +75,7 @@ def test_stage1_carries_the_released_connector_to_its_output(stage1, released_pr
 
 def test_stage1_trains_voken_rows_and_mapper_and_logs_each_loss(stage1, small_zoo):
     out, stdout = stage1
-    assert {p.name for p in out.iterdir()} == EXPORT | {"checkpoint-2", "checkpoint-4", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == EXPORT | RUN_REPORT | {"checkpoint-2", "checkpoint-4", "metrics.json"}
     assert {p.name for p in (out / "checkpoint-2").iterdir()} == EXPORT | CHECKPOINT | {"rng_rank0.pt"}
     history = _history(out / "checkpoint-4")
     assert set(history[0]) == {"step", "loss", "text_loss", "image_loss", "caption_loss", "lr", "seconds"}
@@ -102,7 +103,7 @@ def test_stage2_on_two_ranks_under_zero3_starts_from_stage1(stage2, stage1):
     # all earlier steps shown: the largest sample holds 4 images and the vokens, or 5 images (the text task)
     assert re.search(r"data.max_length 192 holds the largest sample before its sentences: \w+ task with [45] image",
                      stdout)
-    assert {p.name for p in out.iterdir()} == EXPORT | {"adapter_config.json", "adapter_model.safetensors",
+    assert {p.name for p in out.iterdir()} == EXPORT | RUN_REPORT | {"adapter_config.json", "adapter_model.safetensors",
                                                         "checkpoint-2", "checkpoint-4", "metrics.json", "samples"}
     assert {p.name for p in (out / "checkpoint-4").iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "mapper.safetensors"}
     history = _history(out / "checkpoint-4")

@@ -26,7 +26,8 @@ OVERRIDES = ("training.max_steps=2", "training.micro_batch_size=2", "threads=1",
 RUN_FILES = {"connector.safetensors", "mmpeft_config.json", "processor_config.json", "tokenizer.json",
              "tokenizer_config.json"}
 LORA_FILES = {"adapter_config.json", "adapter_model.safetensors", "llava_adapter"}
-STATE_FILES = {"ds", "rng_rank0.pt", "trainer_state.json"}
+STATE_FILES = {"ds", "rng_rank0.pt", "trainer_state.json", "training.png"}
+RUN_REPORT = {"metrics.jsonl", "runs", "training.png"}  # mmpeft.train.reporting: metrics, TensorBoard, plot
 UNIFORM_LOSS = math.log(32001)  # random stand-ins: about the loss of a uniform guess over the vocabulary
 
 
@@ -77,7 +78,7 @@ def test_pretrain_7b_config_trains_the_connector_and_reloads(stage1, standins):
     out, stdout = stage1
     assert "data: 16 samples" in stdout and "skipped" not in stdout
     assert "trainable ({'vision': 'frozen', 'connector': 'full', 'llm': 'frozen'})" in stdout
-    assert {p.name for p in out.iterdir()} == RUN_FILES | {"checkpoint-2", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == RUN_FILES | RUN_REPORT | {"checkpoint-2", "metrics.json"}
     assert {p.name for p in (out / "checkpoint-2").iterdir()} == RUN_FILES | STATE_FILES
     losses = _losses(out)
     assert len(losses) == 2 and all(abs(loss - UNIFORM_LOSS) < 0.5 for loss in losses)
@@ -99,7 +100,7 @@ def test_finetune_7b_config_trains_lora_r128_reloads_and_exports_a_native_llava(
     assert "gradient checkpointing: " in stdout  # on in the real configs, as LLaVA trains
     records = len(json.loads((small_world / "llava/train.json").read_text()))
     assert f"data: {records} conversations from {small_world / 'llava/train.json'}\n" in stdout  # none skipped
-    assert {p.name for p in out.iterdir()} == RUN_FILES | LORA_FILES | {"checkpoint-2", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == RUN_FILES | LORA_FILES | RUN_REPORT | {"checkpoint-2", "metrics.json"}
     assert {p.name for p in (out / "checkpoint-2").iterdir()} == RUN_FILES | LORA_FILES | STATE_FILES
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (128, 256, 0.05)

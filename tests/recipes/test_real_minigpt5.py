@@ -38,7 +38,8 @@ EVAL = ("eval.sampling_steps=2",)
 RUN_FILES = {"connector.safetensors", "llava_adapter", "mapper.safetensors", "mmpeft_config.json",
              "processor_config.json", "tokenizer.json", "tokenizer_config.json"}
 LORA_FILES = {"adapter_config.json", "adapter_model.safetensors"}
-STATE_FILES = {"ds", "rng_rank0.pt", "trainer_state.json"}
+STATE_FILES = {"ds", "rng_rank0.pt", "trainer_state.json", "training.png"}
+RUN_REPORT = {"metrics.jsonl", "runs", "training.png"}  # mmpeft.train.reporting: metrics, TensorBoard, plot
 IMAGE, VOKENS = 32000, list(range(32001, 32009))  # added after Vicuna's 32,000 tokens
 UNIFORM_LOSS = math.log(32009)  # random stand-in: about a uniform guess over the vocabulary and the new rows
 # the paper's mapper: MLP 64 -> 1024 -> 1024, 77 x 1024 query, 4 encoder layers (attention, ff 4096,
@@ -163,7 +164,7 @@ def test_stage1_vicuna_config_trains_vokens_and_the_paper_sized_mapper(stage1, s
     assert (f"diffusion: {standins['sd21_base']} at 512 px; the loss regresses the noise (prediction_type epsilon)"
             in stdout)
     assert f"data: 40 caption pairs from {small_world / 'wds/train/*.tar'}; no record skipped\n" in stdout
-    assert {p.name for p in out.iterdir()} == RUN_FILES | {"checkpoint-2", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == RUN_FILES | RUN_REPORT | {"checkpoint-2", "metrics.json"}
     assert {p.name for p in (out / "checkpoint-2").iterdir()} == RUN_FILES | STATE_FILES
     history = _history(out)
     assert len(history) == 2 and set(history[0]) == {"step", "loss", "text_loss", "image_loss", "caption_loss",
@@ -218,7 +219,8 @@ def test_stage2_vicuna_config_shows_every_earlier_step_within_3072_tokens(stage2
     longest = max(sample_shape(encoder, VOKENS, s, "").tokens for s in samples)
     assert 2941 < longest <= 3072
 
-    assert {p.name for p in out.iterdir()} == RUN_FILES | LORA_FILES | {"checkpoint-2", "metrics.json", "samples"}
+    assert {p.name for p in out.iterdir()} == RUN_FILES | LORA_FILES | RUN_REPORT | {"checkpoint-2", "metrics.json",
+                                                                                   "samples"}
     assert {p.name for p in (out / "checkpoint-2").iterdir()} == RUN_FILES | LORA_FILES | STATE_FILES
     history = _history(out)
     assert len(history) == 2 and set(history[0]) == {"step", "loss", "text_loss", "image_loss", "lr", "seconds"}
