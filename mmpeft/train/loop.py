@@ -4,7 +4,9 @@ that resume exactly.
 The model's forward returns the loss and its parts; this loop only optimizes, logs and
 saves. It runs the same under `deepspeed`, `torchrun` and plain `python` (one process).
 The modules a recipe names as frozen run in eval mode throughout (`train_mode`): their
-dropout stays off while the trained parts' dropout (LoRA's, say) works.
+dropout stays off while the trained parts' dropout (LoRA's, say) works; under gradient
+checkpointing those without dropout stay in train mode, where transformers checkpoints
+them (`mmpeft.train.modes`).
 
 A checkpoint `checkpoint-{step}/` holds the engine state (trainable weights, optimizer,
 scheduler, `ds/`), each rank's RNG state, `training.png`, `trainer_state.json` (written
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from mmpeft.train.collectives import all_reduce
+from mmpeft.train.modes import enable_gradient_checkpointing, parts_in_eval, train_mode
 from mmpeft.train.reporting import (
     RunReport,
     Throughput,
@@ -80,27 +83,6 @@ class TrainConfig:
     fp16: bool = False  # for GPUs without bf16 (V100, T4): float16 with DeepSpeed's dynamic loss scaling
     group_by_modality: bool = True
     num_workers: int = 0
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> list[str]:
-    """Turn on activation checkpointing in every transformers or diffusers model inside
-    `model` (the LM, a UNet that gradients pass through), non-reentrant: it needs no input
-    that requires grad (PEFT's frozen embeddings) and works with ZeRO-3. transformers
-    checkpoints only modules in train mode, so frozen parts kept in eval mode still save
-    their activations. Returns the names of the models it turned on."""
-    inside, names = set(), []
-    for name, module in model.named_modules():
-        if id(module) in inside:
-            continue
-        if getattr(module, "supports_gradient_checkpointing", False):  # transformers
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif getattr(module, "_supports_gradient_checkpointing", False):  # diffusers
-            module.enable_gradient_checkpointing()
-        else:
-            continue
-        inside |= {id(m) for m in module.modules()}
-        names.append(name or type(module).__name__)
-    return names
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -249,16 +231,6 @@ def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str
     return dict(zip(keys, t.tolist(), strict=True))
 
 
-def train_mode(model: torch.nn.Module, frozen: Sequence[torch.nn.Module] = ()) -> None:
-    """`model` in train mode but each module of `frozen` (and everything inside it) in eval
-    mode, as the original methods run their frozen parts: a frozen LM's or tower's dropout
-    off, its normalisation fixed. A module of `frozen` outside `model` (a pipeline's VAE)
-    is put in eval mode all the same."""
-    model.train()
-    for module in frozen:
-        module.eval()
-
-
 def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
           forward: Callable[[torch.nn.Module, dict], dict], export: Callable[[Path, bool], None],
           lengths: list[int], has_image: list[bool], resume: str | None = None,
@@ -287,6 +259,7 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
                              "diffusers model that supports it")
         if rank == 0:
             log(f"gradient checkpointing: {', '.join(turned_on)}")
+    in_eval = parts_in_eval(frozen, cfg.gradient_checkpointing)
     ds_config = deepspeed_config(cfg, world)
     optimizer, scheduler = _optimizer_and_schedule(model, cfg, offloads_optimizer(ds_config))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -320,7 +293,7 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
     speed = Throughput(cfg.micro_batch_size * cfg.grad_accum * world, device)
     with report:  # an error closes the reporters, marking the run failed
         while step < cfg.max_steps:
-            train_mode(engine, frozen)
+            train_mode(engine, in_eval)
             due, own_norm = report.due(step + 1), None
             sums: dict[str, float] = {}
             micro = []

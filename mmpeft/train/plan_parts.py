@@ -64,12 +64,13 @@ def lm_layer_bytes(lm: LMSizes, seq: int, batch: int, s: Settings, mask_bytes: i
 def lm_activation_bytes(lm: LMSizes, seqs: tuple[int, ...], s: Settings, mask_bytes: int = MASK_BYTES) -> int:
     """Bytes the LM keeps over passes of `seqs` tokens each, `s.micro_batch_size` sequences a
     pass: every layer's (`lm_layer_bytes`) plus the final norm's input; with
-    `s.gradient_checkpointing` and an LM that trains, each layer's `d * s * b * h` input and,
-    in backward, one recomputed layer of the longest pass. The training loop keeps a frozen
-    LM in eval mode, where transformers does not checkpoint: it keeps every layer's bytes."""
+    `s.gradient_checkpointing`, each layer's `d * s * b * h` input and, in backward, one
+    recomputed layer of the longest pass. A frozen LM with dropout (OPT) runs in eval mode,
+    where transformers does not checkpoint (`mmpeft.train.modes`): it keeps every layer's
+    bytes."""
     b, d = s.micro_batch_size, s.dtype_bytes
     final_norm = sum(seqs) * b * (4 if lm.norm_upcast else d) * lm.hidden
-    if s.gradient_checkpointing and s.trainable.get("llm", "frozen") != "frozen":
+    if s.gradient_checkpointing and (s.trainable.get("llm", "frozen") != "frozen" or lm.dropout == 0):
         return d * sum(seqs) * b * lm.hidden * lm.layers + final_norm + lm_layer_bytes(lm, max(seqs), b, s, mask_bytes)
     return lm.layers * sum(lm_layer_bytes(lm, seq, b, s, mask_bytes) for seq in seqs) + final_norm
 
@@ -83,13 +84,12 @@ def logit_bytes(lm: LMSizes, seqs: tuple[int, ...], batch: int, dtype_bytes: int
 
 
 def tower_activation_bytes(vision: VisionSizes, images: int, lm_hidden: int, dtype_bytes: int) -> int:
-    """What the frozen CLIP tower keeps for `images` images when its activations need
-    keeping: transformers' gradient checkpointing makes every input embedding's output
-    require grad (`enable_input_require_grads`), the tower's patch embeddings too, so the
-    tower, in eval mode and not checkpointed, keeps per image and layer, over its p + 1
-    tokens, `d * (6 h_v + 2 i_v)` (two LayerNorm inputs, q, k, v, attention output, quick
-    GELU's input and sigmoid), its first LayerNorm's input, `d * (p + 1) * h_v`, and the
-    connector's GELU input, `d * p * h`."""
+    """What the CLIP tower keeps for `images` images when gradients flow through it (a
+    trained tower; a frozen one keeps nothing, `mmpeft.train.modes`), not checkpointed: per
+    image and layer, over its p + 1 tokens, `d * (6 h_v + 2 i_v)` (two LayerNorm inputs, q,
+    k, v, attention output, quick GELU's input and sigmoid), its first LayerNorm's input,
+    `d * (p + 1) * h_v`, and the connector's GELU input, `d * p * h`; an upper bound under
+    checkpointing."""
     tokens = vision.image_tokens + 1
     per_image = tokens * vision.layers * (6 * vision.hidden + 2 * vision.intermediate) + tokens * vision.hidden
     return dtype_bytes * images * (per_image + vision.image_tokens * lm_hidden)
@@ -318,12 +318,12 @@ class RecipeParts:
 
     def activations(self, lm: LMSizes, s: Settings, mask_bytes: int = MASK_BYTES) -> dict[str, int]:
         """The activation rows of the plan under settings `s`: the LM's layers, its logits, the
-        CLIP tower's (when it keeps any: gradient checkpointing on, or the tower training),
+        CLIP tower's (when it trains: a frozen one keeps nothing),
         the mapper's for one voken run a sample, the UNet's for one target image a sample."""
         b, d = s.micro_batch_size, s.dtype_bytes
         seqs = tuple(k * s.max_length for k in self.passes)
         rows = {"LM activations": lm_activation_bytes(lm, seqs, s, mask_bytes), "logits": logit_bytes(lm, seqs, b, d)}
-        if self.tower_images and (s.gradient_checkpointing or s.trainable.get("vision", "frozen") != "frozen"):
+        if self.tower_images and s.trainable.get("vision", "frozen") != "frozen":
             rows["vision activations"] = tower_activation_bytes(self.vision, self.tower_images * b, lm.hidden, d)
         rows["mapper activations"] = mapper_activation_bytes(self.mapper, b, d)
         if self.diffusion:
@@ -369,7 +369,7 @@ def describe_parts(parts: RecipeParts, lm: LMSizes, vision: VisionSizes, connect
     """The line `mmpeft plan` prints above the plan: each part's parameters and where it is."""
     how = {part: s.trainable.get(part, "frozen") for part in ("vision", "connector", "llm")}
     m, rows = parts.mapper, f"{s.new_token_rows} new token rows train"
-    if how["llm"] == "frozen" and s.gradient_checkpointing:
+    if how["llm"] == "frozen" and s.gradient_checkpointing and lm.dropout > 0:
         rows += "; in eval mode, so not checkpointed"
     out = [f"LM {lm.params:,} ({how['llm']}; {rows})"]
     if parts.diffusion is None:  # GILL: CLIP and Stable Diffusion on the host

@@ -19,7 +19,7 @@ from mmpeft.minigpt5.checkpoint import mapper_settings
 from mmpeft.models.trainable import LoraSettings, apply_trainability, frozen_modules
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_lm, resolve_preset
-from mmpeft.train.loop import train_mode
+from mmpeft.train.modes import train_mode
 
 MAPPER = {"d_model": 32, "heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff": 64}
 

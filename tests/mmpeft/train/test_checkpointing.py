@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmpeft.models.trainable import LoraSettings, apply_trainability
-from mmpeft.train.loop import enable_gradient_checkpointing
+from mmpeft.train.modes import enable_gradient_checkpointing
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -84,3 +84,56 @@ def test_the_loop_gives_the_same_loss_curve_with_checkpointing(tmp_path):
     assert len(curves["on"]) == 4 and len(set(curves["on"])) == 4  # four different batches and weights
     # LoRA dropout on: the recomputed forward draws the same masks (the RNG state is replayed)
     assert curves["on"] == pytest.approx(curves["off"], rel=1e-5)
+
+
+def test_frozen_parts_without_dropout_stay_in_train_mode_under_checkpointing():
+    from transformers import CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
+
+    from mmpeft.train.modes import mode_dependent, parts_in_eval
+
+    llama = _lora_lm().base_model.model
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=4, word_embed_proj_dim=32, dropout=0.1))
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=16, patch_size=8))
+    assert [mode_dependent(m) for m in (llama, opt, tower)] == [False, True, False]
+    assert mode_dependent(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    assert parts_in_eval([llama, opt, tower], checkpointing=True) == [opt]  # OPT's dropout must stay off
+    assert parts_in_eval([llama, opt, tower], checkpointing=False) == [llama, opt, tower]
+
+
+def test_a_frozen_lm_the_loss_passes_through_is_checkpointed_and_a_frozen_tower_keeps_nothing():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mmpeft.llava.model import build_llava, llava_parts
+    from mmpeft.models.trainable import frozen_modules
+    from mmpeft.train.modes import parts_in_eval, train_mode
+
+    def stage1(checkpointing):  # LLaVA's stage 1: tower and LM frozen, the connector trains
+        torch.manual_seed(0)
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+        tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=2, image_size=16, patch_size=8))
+        model = build_llava(tower, lm, 63)
+        choice = {"vision": "frozen", "connector": "full", "llm": "frozen"}
+        parts = llava_parts(model)
+        model = apply_trainability(model, parts, choice)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        train_mode(model, parts_in_eval(frozen_modules(parts, choice), checkpointing))
+        return model, parts["vision"]
+
+    ids = torch.randint(0, 60, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids[:, 1:5] = 63  # four patches of a 16 px image
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    def kept(checkpointing):
+        model, tower = stage1(checkpointing)
+        flows, saved = [], []
+        tower.register_forward_hook(lambda m, i, out: flows.append(out.last_hidden_state.requires_grad))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()
+        assert flows == [False]  # no gradient into the frozen tower, so it keeps no activation
+        return sum(saved)
+
+    assert kept(True) < kept(False) / 2  # the frozen LM's layers are recomputed, not kept

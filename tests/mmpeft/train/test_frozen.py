@@ -18,7 +18,7 @@ from mmpeft.models.trainable import (
     check_frozen_parts_loaded,
     frozen_modules,
 )
-from mmpeft.train.loop import train_mode
+from mmpeft.train.modes import train_mode
 
 
 class Connector(nn.Module):

@@ -2,6 +2,8 @@
 models keeps: parameters exactly, each part's activations within a quarter of what autograd
 saves for backward."""
 
+import gc
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -24,7 +26,7 @@ from mmpeft.minigpt5.model import MiniGPT5, VokenMapper, mapper_parts
 from mmpeft.models.trainable import LoraSettings, apply_trainability, frozen_modules
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.train import plan, plan_parts
-from mmpeft.train.loop import enable_gradient_checkpointing, train_mode
+from mmpeft.train.modes import enable_gradient_checkpointing, parts_in_eval, train_mode
 
 VOCAB, HIDDEN, CLIP_DIM, SEQ, BATCH = 512, 128, 48, 64, 2
 VOKENS = list(range(VOCAB - 8, VOCAB))
@@ -55,7 +57,9 @@ def _settings(**changes):
 
 def _saved_by_part(model, parts: dict, step) -> dict[str, int]:
     """Bytes autograd keeps for backward outside checkpoints, each storage once, weights left
-    out, by the innermost of `parts` (name: module) running when saved ("rest": none)."""
+    out, by the innermost of `parts` (name: module) running when saved ("rest": none). Only
+    what is still held when the forward ends counts: a checkpoint saves its inputs even where
+    no gradient will flow (a frozen tower), and frees them with the graph that never forms."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     running, saved, hooks = ["rest"], {}, []
 
@@ -71,16 +75,18 @@ def _saved_by_part(model, parts: dict, step) -> dict[str, int]:
     def pack(t):
         storage = t.untyped_storage()
         if storage.data_ptr() not in weights and storage.data_ptr() not in saved:
-            saved[storage.data_ptr()] = (running[-1], storage.nbytes())
+            saved[storage.data_ptr()] = (running[-1], storage.nbytes(), weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = step()
+    gc.collect()
+    held = [(name, nbytes) for name, nbytes, ref in saved.values() if ref() is not None]
     loss.backward()
     for hook in hooks:
         hook.remove()
     out = dict.fromkeys(parts, 0) | {"rest": 0}
-    for name, nbytes in saved.values():
+    for name, nbytes in held:
         out[name] += nbytes
     return out
 
@@ -188,7 +194,8 @@ def _minigpt5(llm: str, mapper_trainable: dict, checkpointing: bool):
     model.to(torch.bfloat16)
     if checkpointing:
         enable_gradient_checkpointing(model)
-    train_mode(model, [*frozen_modules(parts, choice), *frozen_modules(mapper_parts(mapper), mapper_trainable), unet])
+    frozen = [*frozen_modules(parts, choice), *frozen_modules(mapper_parts(mapper), mapper_trainable), unet]
+    train_mode(model, parts_in_eval(frozen, checkpointing))  # as the loop runs them
     return model, config, vision_config, choice
 
 
@@ -226,7 +233,7 @@ def test_a_minigpt5_step_keeps_what_the_plan_says(stage, checkpointing):
                "connector": llava.model.multi_modal_projector, "mapper": model.mapper, "unet": model.unet}
     measured = _saved_by_part(model, watched, lambda: model(**_minigpt5_batch(images))["loss"])
     planned = parts.activations(lm, s, CPU_MASK_BYTES)
-    if checkpointing and llm != "frozen":  # what backward recomputes, where the hooks are not set
+    if checkpointing:  # what backward recomputes, where the hooks are not set
         planned["LM activations"] -= plan_parts.lm_layer_bytes(lm, SEQ, BATCH, s, CPU_MASK_BYTES)
     if checkpointing:
         planned["UNet activations"] -= plan_parts.unet_recompute_bytes(diffusion, BATCH, 2)
