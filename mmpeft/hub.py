@@ -18,7 +18,9 @@ from pathlib import Path
 
 from mmpeft.families import CONFIG_FILE, Family, family_of
 
-SHARED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja")
+SHARED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja",
+                   ".jsonl", ".png")  # the run's logged values and its training plot
+SHARED_FOLDERS = ("runs",)  # TensorBoard's event files, which the Hub shows as training metrics
 LEFT_OUT = {  # top-level entries never shared, with the reason a dry run prints
     "ds": "DeepSpeed engine and optimizer state",
     "samples": "sample page",
@@ -69,8 +71,8 @@ def plan_push(folder: str | Path) -> Plan:
             folders.setdefault(top, [why, 0])[1] += 1
         elif why:
             left_out.append((rel, why))
-        elif not path.name.endswith(SHARED_SUFFIXES):
-            left_out.append((rel, "not a safetensors, JSON or tokenizer file"))
+        elif not path.name.endswith(SHARED_SUFFIXES) and top not in SHARED_FOLDERS:
+            left_out.append((rel, "not a safetensors, JSON, tokenizer, log or plot file"))
         else:
             files.append((rel, path.stat().st_size))
     left_out += [(f"{top}/", f"{why}; {n} file{'s' * (n != 1)}") for top, (why, n) in folders.items()]

@@ -12,7 +12,7 @@ text after it reads that image's visual tokens. Same data, chat template and hel
 questions as LLaVA stage 2 (`recipes/llava_finetune.py`), so its accuracy compares with
 LLaVA's. Writes to `training.output_dir`: `flamingo.safetensors`, the tokenizer and image
 processor, `mmpeft_config.json`, `checkpoint-{step}/` (the same files plus the resumable
-engine state), `metrics.json`.
+engine state), `metrics.json`, `metrics.jsonl`, `training.png`.
 """
 
 import json
@@ -95,7 +95,7 @@ def main(argv=None):
                     forward=lambda engine, batch: {"loss": engine(**{k: v for k, v in batch.items()
                                                                      if k != "id"}).loss},
                     export=export, lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume,
-                    log=log, frozen=[model.vision_tower, model.lm])
+                    log=log, frozen=[model.vision_tower, model.lm], run_config=cfg)
 
     ##### evaluation after training
     if rank == 0:

@@ -14,7 +14,7 @@ Vectors come from any encoder as an embedding set (`mmpeft/data/embeddings.py`: 
 recipe writes one from caption pairs with the preset's CLIP (normalised image embeddings).
 Trains: the two linear maps, the new tokens' rows, and LoRA on the LM when asked; a frozen LM
 runs in eval mode. Writes to `training.output_dir`: `general_gpt.safetensors`, `lm_adapter/`,
-the tokenizer, `mmpeft_config.json`, `checkpoint-{step}/`, `metrics.json`.
+the tokenizer, `mmpeft_config.json`, `checkpoint-{step}/`, `metrics.json`, `metrics.jsonl`, `training.png`.
 """
 
 import json
@@ -106,7 +106,7 @@ def main(argv=None):
     history = train(model, dataset, collate_embedding_texts(tokenizer.pad_token_id), TrainConfig(**t),
                     forward=lambda engine, batch: engine(**batch), export=export, lengths=dataset.lengths,
                     has_image=[True] * len(dataset), resume=args.resume, log=log,
-                    frozen=frozen_modules(parts, choice))  # a frozen LM (new rows aside) runs in eval mode
+                    frozen=frozen_modules(parts, choice), run_config=cfg)  # a frozen LM: eval mode
 
     ##### evaluation: held-out vectors and texts, the model as saved
     if rank == 0:

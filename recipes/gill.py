@@ -11,8 +11,9 @@ Trains: the `[IMG]` rows of the LM's input embeddings and output head, the image
 the retrieval head, the generation mapper; then the decision head alone. Frozen: the LM
 (unless `model.trainable.llm` says lora), CLIP, Stable Diffusion. Writes to
 `training.output_dir`: `lm_adapter/`, `gill_heads.safetensors`, tokenizer, `mmpeft_config.json`,
-`checkpoint-{step}/` (decision head untrained there), `metrics.json`, `index/` (a retrieval index
-of the held-out images the decision was taught to retrieve).
+`checkpoint-{step}/` (decision head untrained there), `metrics.json`, `metrics.jsonl`,
+`training.png`, `index/` (a retrieval index of the held-out images the decision was taught
+to retrieve).
 """
 
 import json
@@ -110,7 +111,7 @@ def main(argv=None):
     history = train(model, dataset, collate, TrainConfig(**t),
                     forward=lambda engine, batch: engine(**batch), export=export, lengths=dataset.lengths,
                     has_image=[True] * len(dataset), resume=args.resume, log=log, frozen=frozen,
-                    after_step=renormalise if m["renormalise_img_rows"] else None)
+                    after_step=renormalise if m["renormalise_img_rows"] else None, run_config=cfg)
 
     ##### decision head, then evaluation: held-out pairs and stories, the model as saved
     if rank == 0:

@@ -21,7 +21,7 @@ checkpoint instead, and the run records it as its base.
 Writes to `training.output_dir`: the LM adapter (`adapter_model.safetensors`, loadable with
 plain PEFT; not with `init_from`), `llava_adapter/`, `connector.safetensors`, the processor,
 `mmpeft_config.json`, `checkpoint-{step}/` (the same files plus the resumable engine state),
-`metrics.json`.
+`metrics.json`, `metrics.jsonl`, `training.png`.
 """
 
 import json
@@ -157,7 +157,7 @@ def main(argv=None):
     history = train(model, dataset, collate_conversations(tokenizer.pad_token_id), TrainConfig(**t),
                     forward=lambda engine, batch: {"loss": llava_forward(engine, batch).loss}, export=export,
                     lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log,
-                    frozen=frozen_modules(parts, m["trainable"]))
+                    frozen=frozen_modules(parts, m["trainable"]), run_config=cfg)
 
     ##### evaluation after training
     if rank == 0:

@@ -13,7 +13,7 @@ stops at start-up unless `model.allow_random_frozen` lists it.
 With `data.feature_cache` set (the tiny config's default), the frozen tower's features are
 computed once into that folder and read from there in every later epoch and run.
 Writes to `training.output_dir`: `connector.safetensors`, the processor, `mmpeft_config.json`,
-`checkpoint-{step}/` (the same files plus the resumable engine state), `metrics.json`.
+`checkpoint-{step}/` (the same files plus the resumable engine state), `metrics.json`, `metrics.jsonl`, `training.png`.
 """
 
 import json
@@ -122,7 +122,7 @@ def main(argv=None):
     history = train(model, dataset, collate_conversations(tokenizer.pad_token_id), TrainConfig(**t),
                     forward=lambda engine, batch: {"loss": llava_forward(engine, batch).loss}, export=export,
                     lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log,
-                    frozen=frozen_modules(parts, m["trainable"]))
+                    frozen=frozen_modules(parts, m["trainable"]), run_config=cfg)
 
     ##### evaluation after training
     if rank == 0:

@@ -21,7 +21,7 @@ at 768 px: the velocity), named in the start-up log and recorded as `prediction_
 Writes to `training.output_dir`: the LLaVA files (`llava_adapter/` holds the voken rows,
 `connector.safetensors`, processor, `mmpeft_config.json` with `connector_from` and
 `prediction_type`), `mapper.safetensors`, `checkpoint-{step}/`, `metrics.json` (with the
-records skipped, by reason, under "skipped").
+records skipped, by reason, under "skipped"), `metrics.jsonl`, `training.png`.
 """
 
 import json
@@ -151,7 +151,7 @@ def main(argv=None):
     history = train(model, dataset, collate_vokens(tokenizer.pad_token_id), TrainConfig(**t),
                     forward=lambda engine, batch: engine(**batch), export=export,
                     lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log,
-                    frozen=frozen)
+                    frozen=frozen, run_config=cfg)
 
     ##### evaluation: held-out pairs, the model as saved
     if rank == 0:

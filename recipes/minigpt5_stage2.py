@@ -22,8 +22,8 @@ data when `data.max_length` cannot hold the largest sample that `data.history` a
 errors give the settings and numbers); records skipped for any reason are
 counted by reason in the start-up log and in `metrics.json` ("skipped"). Writes to
 `training.output_dir`: the stage-1 file set plus the LoRA adapter, `checkpoint-{step}/`,
-`metrics.json` and `samples/index.html` (held-out stories with the generated text and image
-next to the true one).
+`metrics.json`, `metrics.jsonl`, `training.png` and `samples/index.html` (held-out stories
+with the generated text and image next to the true one).
 """
 
 import json
@@ -176,7 +176,7 @@ def main(argv=None):
     history = train(model, dataset, collate_vokens(tokenizer.pad_token_id), TrainConfig(**t),
                     forward=lambda engine, batch: engine(**batch), export=export,
                     lengths=dataset.lengths, has_image=dataset.has_image, resume=args.resume, log=log,
-                    frozen=frozen)
+                    frozen=frozen, run_config=cfg)
 
     ##### evaluation: the last step of held-out stories, the model as saved
     if rank == 0:

@@ -37,6 +37,11 @@ def run(tmp_path):
     (out / "checkpoint-2" / "ds" / "state.pt").write_bytes(b"x")
     (out / "checkpoint-2" / "rng_rank0.pt").write_bytes(b"x")
     (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (out / "runs" / "run").mkdir(parents=True)
+    (out / "runs" / "run" / "events.out.tfevents.1.host").write_bytes(b"x")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.5}\n')
+    (out / "training.png").write_bytes(b"x")
+    (out / "rng_rank0.pt").write_bytes(b"x")
     (out / "metrics.json").write_text(json.dumps({"answer_accuracy_after": 0.5, "answer_accuracy_before": 0.25,
                                                   "first_loss": 1.5, "last_loss": 0.4, "skipped": {}}))
     return out
@@ -60,8 +65,10 @@ def test_the_commit_holds_the_trained_files_and_the_card_and_nothing_else(run):
     ops = commit_operations(plan, model_card(plan, "alice/tiny-llava"))
     assert [op.path_in_repo for op in ops] == [
         "chat_template.jinja", "connector.safetensors", "llava_adapter/adapter_config.json",
-        "llava_adapter/adapter_model.safetensors", "metrics.json", "mmpeft_config.json", "tokenizer.json", "README.md"]
-    assert plan.left_out == [("checkpoint-2/", "checkpoint (push its own folder to share it); 9 files")]
+        "llava_adapter/adapter_model.safetensors", "metrics.json", "metrics.jsonl", "mmpeft_config.json",
+        "runs/run/events.out.tfevents.1.host", "tokenizer.json", "training.png", "README.md"]
+    assert plan.left_out == [("rng_rank0.pt", "not a safetensors, JSON, tokenizer, log or plot file"),
+                             ("checkpoint-2/", "checkpoint (push its own folder to share it); 9 files")]
     # a checkpoint pushes its own files, but never its engine state
     ckpt = plan_push(run / "checkpoint-2")
     assert {rel for rel, _ in ckpt.left_out} == {"ds/", "rng_rank0.pt", "trainer_state.json"}
@@ -88,7 +95,7 @@ def test_the_card_parses_back_with_base_models_metrics_and_the_command(run):
 def test_dry_run_lists_every_file_with_its_size_and_contacts_nothing(run, capsys):
     assert push(run, "alice/tiny-llava", dry_run=True, endpoint="http://127.0.0.1:9") is None
     out = capsys.readouterr().out
-    assert "would push 8 files" in out
+    assert "would push 11 files" in out
     size = (run / "connector.safetensors").stat().st_size
     assert f"{size:>12,d}  connector.safetensors" in out
     assert "left out  checkpoint-2/  (checkpoint (push its own folder to share it); 9 files)" in out
@@ -156,7 +163,7 @@ def test_the_push_command_and_a_recipe_flag_say_what_is_wrong(run, monkeypatch, 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert main(["push", str(run), "--repo-id", "alice/tiny-llava", "--dry-run"]) == 0
-    assert "would push 8 files" in capsys.readouterr().out
+    assert "would push 11 files" in capsys.readouterr().out
     assert main(["push", str(run), "--repo-id", "alice/tiny-llava"]) == 1
     assert "mmpeft push: no Hugging Face token" in capsys.readouterr().err
     root = Path(__file__).resolve().parents[2]
