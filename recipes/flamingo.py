@@ -25,11 +25,11 @@ from mmpeft.data.conversation import ConversationEncoder, read_llava_json
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
 from mmpeft.data.feature_cache import prepare_feature_cache
 from mmpeft.data.templates import chat_template
-from mmpeft.eval.answers import before_and_after, read_questions
+from mmpeft.eval.answers import read_questions
 from mmpeft.flamingo.checkpoint import load_flamingo, save_flamingo
 from mmpeft.flamingo.model import FlamingoLM
 from mmpeft.hub import push
-from mmpeft.llava.evaluation import accuracy_before_training, answer_accuracy
+from mmpeft.llava.evaluation import accuracy_before_training, held_out_figures
 from mmpeft.llava.model import add_image_token, load_base_models
 from mmpeft.models.trainable import trainable_parameter_count
 from mmpeft.presets import resolve_preset
@@ -105,7 +105,7 @@ def main(argv=None):
                   f"{metrics['gates']}"
         if questions:  # the model as saved, rebuilt from the output folder
             trained = load_flamingo(t["output_dir"])[0]
-            figures, text = before_and_after(before, answer_accuracy(trained.to(device), encoder, questions))
+            figures, text = held_out_figures(trained.to(device), encoder, questions, before)
             metrics.update(figures)
             summary += "; " + text
         Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

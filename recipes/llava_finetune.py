@@ -34,10 +34,10 @@ from mmpeft.data.conversation import ConversationEncoder, read_llava_json, read_
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
 from mmpeft.data.feature_cache import prepare_feature_cache
 from mmpeft.data.templates import chat_template
-from mmpeft.eval.answers import before_and_after, read_questions
+from mmpeft.eval.answers import read_questions
 from mmpeft.hub import push
 from mmpeft.llava.checkpoint import load_llava, save_llava
-from mmpeft.llava.evaluation import accuracy_before_training, answer_accuracy
+from mmpeft.llava.evaluation import accuracy_before_training, held_out_figures
 from mmpeft.llava.model import (
     add_image_token,
     build_llava,
@@ -165,7 +165,7 @@ def main(argv=None):
         summary = f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}"
         if questions:  # the model as saved, rebuilt from the output folder (free of ZeRO-3's partitioning)
             trained, _, _ = load_llava(t["output_dir"])
-            figures, text = before_and_after(before, answer_accuracy(trained.to(device), encoder, questions))
+            figures, text = held_out_figures(trained.to(device), encoder, questions, before)
             metrics.update(figures)
             summary += "; " + text
         Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

@@ -23,9 +23,13 @@ def _export(folder, out, lm=None, clip=None) -> dict:
 def answer_rows(name: str, m: dict) -> list:
     """The pipeline's figures of a LLaVA-style run (loss, held-out answer accuracy)."""
     before = m.get("answer_accuracy_before")  # not measured when the LM loaded partitioned (ZeRO-3)
-    return [(name, "training loss, first -> last step", m["last_loss"], f"first {m['first_loss']:.3f}"),
+    rows = [(name, "training loss, first -> last step", m["last_loss"], f"first {m['first_loss']:.3f}"),
             (name, "answer accuracy on held-out questions", m["answer_accuracy_after"],
              f"before training {'not measured' if before is None else f'{before:.3f}'}, chance {m['chance']:.3f}")]
+    if "answer_accuracy_image_swapped" in m:  # the control: what the questions alone give
+        rows.append((name, "answer accuracy, each image swapped for another", m["answer_accuracy_image_swapped"],
+                     f"the image carries {m['image_gap']:+.3f}"))
+    return rows
 
 
 ANSWER_ACCURACY = CardMetric("answer_accuracy_after", "accuracy", "visual-question-answering",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmpeft.data.conversation import IMAGE_MARKER, ConversationEncoder, Sample
-from mmpeft.eval.answers import normalise_answer
+from mmpeft.eval.answers import before_and_after, image_control, normalise_answer, swapped_images
 
 
 @torch.no_grad()
@@ -57,3 +57,16 @@ def accuracy_before_training(model, encoder: ConversationEncoder, rows: list[dic
         log("evaluation before training: skipped, as the LM is partitioned over the ranks (ZeRO-3) until it trains")
         return None
     return answer_accuracy(model.to(device), encoder, rows)
+
+
+def held_out_figures(model, encoder: ConversationEncoder, rows: list[dict], before: dict | None) -> tuple[dict, str]:
+    """The figures of a trained model: answer accuracy on the held-out questions, beside the
+    accuracy before training (`before`, from `accuracy_before_training`) and the image-swap
+    control (`swapped_images`: the same model, each question about another image), with the
+    line that reports them. The control needs questions about two images or more."""
+    after = answer_accuracy(model, encoder, rows)
+    figures, text = before_and_after(before, after)
+    if len({str(r["image"]) for r in rows}) > 1:
+        control, control_text = image_control(after, answer_accuracy(model, encoder, swapped_images(rows)))
+        figures, text = figures | control, f"{text}; {control_text}"
+    return figures, text

@@ -80,6 +80,11 @@ def test_stage2_writes_adapter_connector_and_processor_in_every_checkpoint(stage
         assert {p.name for p in (out / f"checkpoint-{step}").iterdir()} == EXPORT_FILES | LORA_FILES | CHECKPOINT_FILES
     losses = [h["loss"] for h in _history(out / "checkpoint-4")]
     assert losses[-1] < losses[0]
+    metrics = json.loads((out / "metrics.json").read_text())  # beside its control: each image swapped for another
+    assert metrics["image_gap"] == pytest.approx(metrics["answer_accuracy_after"]
+                                                 - metrics["answer_accuracy_image_swapped"])
+    assert set(metrics["by_type_image_swapped"]) == set(metrics["by_type_after"])
+    assert "with each image swapped for another" in stdout
 
 
 def test_any_checkpoint_reloads_in_one_call_with_the_same_outputs(stage2):
