@@ -40,3 +40,37 @@ def write_story_page(path: str | Path, rows: list[dict], title: str) -> Path:
         parts.append(f"</tr></table><p>prompt: {html.escape(row.get('prompt', ''))}</p>")
     path.write_text("\n".join(parts) + "\n")
     return path
+
+
+def write_run_report(out: str | Path, tables: dict[str, list[tuple]], note: str = "") -> Path:
+    """`report.html` in `out`: each figures table (rows of part, figure, value, reference)
+    and, for every run folder in `out` (one holding `metrics.json`), its `training.png`,
+    links to its sample page, `metrics.json` and `metrics.jsonl`, and the TensorBoard
+    command when it logged there. Links are relative, so the folder can be moved or served."""
+    out = Path(out)
+    esc = html.escape
+    parts = ["<!doctype html><meta charset='utf-8'><title>mmpeft pipeline</title>",
+             "<style>td,th{padding:2px 8px;text-align:left}td.v{text-align:right}</style>",
+             "<h1>mmpeft pipeline</h1>", f"<p>{esc(note)}</p>" if note else ""]
+    for title, rows in tables.items():
+        parts.append(f"<h2>{esc(title)}</h2><table><tr><th>part</th><th>figure</th><th>value</th><th>reference</th></tr>")
+        for part, figure, value, reference in rows:
+            shown = f"{value:.3f}" if isinstance(value, float) else esc(str(value))
+            parts.append(f"<tr><td>{esc(str(part))}</td><td>{esc(figure)}</td><td class=v>{shown}</td>"
+                         f"<td>{esc(str(reference))}</td></tr>")
+        parts.append("</table>")
+    runs = sorted(p.parent for p in out.glob("*/metrics.json"))
+    if runs:
+        parts.append("<h2>Runs</h2>")
+    for run in runs:
+        name = run.name
+        links = [f"<a href='{esc(name)}/{f}'>{f}</a>" for f in ("metrics.json", "metrics.jsonl", "samples/index.html")
+                 if (run / f).is_file()]
+        if (run / "runs").is_dir():
+            links.append(f"TensorBoard: <code>tensorboard --logdir {esc(str(run / 'runs'))}</code>")
+        parts.append(f"<h3>{esc(name)}</h3><p>{' &middot; '.join(links)}</p>")
+        if (run / "training.png").is_file():
+            parts.append(f"<img src='{esc(name)}/training.png' alt='{esc(name)} training curves' width='640'>")
+    path = out / "report.html"
+    path.write_text("\n".join(p for p in parts if p) + "\n")
+    return path

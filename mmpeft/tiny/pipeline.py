@@ -2,8 +2,9 @@
 (`python -m mmpeft.recipes.NAME`), and the figures table they add up to.
 
 The table is printed and written next to the runs as `figures.json` (every row, for
-scripts) and `figures.md` (the printed table in a Markdown page), so the docs quote a file
-that a rerun replaces rather than prose.
+scripts), `figures.md` (the printed table in a Markdown page) and `report.html` (the tables
+with each run's training plot and links to its sample page and logs), so the docs quote a
+file that a rerun replaces rather than prose.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ def table_lines(rows: list[FigureRow]) -> list[str]:
     return lines
 
 
-def write_figures(out: Path, tables: dict[str, list[FigureRow]], seconds: float) -> tuple[Path, Path]:
-    """`figures.json` and `figures.md` in `out`: each table's rows, with the machine and the
-    time the run took."""
+def write_figures(out: Path, tables: dict[str, list[FigureRow]], seconds: float) -> tuple[Path, Path, Path]:
+    """`figures.json`, `figures.md` and `report.html` in `out`: each table's rows, with the
+    machine and the time the run took; the report adds every run's plot and links."""
+    from mmpeft.pages import write_run_report
+
     out.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "processor": platform.machine(),
                "cpus": os.cpu_count(), "python": platform.python_version()}
@@ -66,13 +69,13 @@ def write_figures(out: Path, tables: dict[str, list[FigureRow]], seconds: float)
               "tables": {title: [{"part": p, "figure": f, "value": v, "reference": r} for p, f, v, r in rows]
                          for title, rows in tables.items()}}
     (out / "figures.json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = ["# Figures of `mmpeft pipeline`", "",
-             f"Written by `mmpeft pipeline` in {seconds / 60:.1f} minutes on {machine['cpus']} CPUs "
-             f"({machine['processor']}, {machine['platform']}, Python {machine['python']}).", ""]
+    written = (f"Written by `mmpeft pipeline` in {seconds / 60:.1f} minutes on {machine['cpus']} CPUs "
+               f"({machine['processor']}, {machine['platform']}, Python {machine['python']}).")
+    lines = ["# Figures of `mmpeft pipeline`", "", written, ""]
     for title, rows in tables.items():
         lines += [f"{title}", "", "```", *table_lines(rows), "```", ""]
     (out / "figures.md").write_text("\n".join(lines))
-    return out / "figures.json", out / "figures.md"
+    return out / "figures.json", out / "figures.md", write_run_report(out, tables, written.replace("`", ""))
 
 
 def _run(module: str, args: list[str], env: dict | None = None) -> None:

@@ -70,7 +70,15 @@ def test_pipeline_runs_recipes_as_modules_and_writes_its_figures(tmp_path, monke
     assert ("llava_finetune_tiny", "answer accuracy on held-out questions", 0.6,
             "before training 0.300, chance 0.340") in rows
 
-    written_json, written_md = pipeline.write_figures(out, {pipeline.RECIPES_TITLE: rows}, 125.0)
+    (out / "llava_finetune_tiny" / "training.png").write_bytes(b"png")
+    (out / "minigpt5_stage2_tiny" / "samples").mkdir()
+    (out / "minigpt5_stage2_tiny" / "samples" / "index.html").write_text("<p>stories</p>")
+    written_json, written_md, report = pipeline.write_figures(out, {pipeline.RECIPES_TITLE: rows}, 125.0)
+    html = report.read_text()  # every table row, each run's plot and sample page, relative links
+    assert html.count("<tr><td>") == len(rows) and "<td class=v>0.600</td>" in html
+    assert "<img src='llava_finetune_tiny/training.png'" in html
+    assert "<a href='minigpt5_stage2_tiny/samples/index.html'>" in html
+    assert html.count("<h3>") == len(pipeline.RECIPES)
     record = json.loads(written_json.read_text())
     assert record["seconds"] == 125.0 and record["machine"]["cpus"] >= 1
     assert [r["part"] for r in record["tables"][pipeline.RECIPES_TITLE]] == [r[0] for r in rows]
