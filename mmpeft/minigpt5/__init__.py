@@ -37,6 +37,8 @@ def _stage2_rows(name: str, m: dict) -> list:
     return [(name, "training loss, first -> last step", m["loss"], f"first {m['first_loss']:.3f}"),
             (name, f"vokens emitted where an image belongs ({m['stories']} stories)", m["voken_emission_where_image"],
              f"where none belongs {m['voken_emission_where_text']:.2f}"),
+            (name, "told it: answers with a sentence before the image", m["told_share"],
+             f"its word F1 {m['told_word_f1']:.3f}, against another story's {m['told_word_f1_shuffled']:.3f}"),
             (name, "held-out diffusion loss, mapped voken conditioning", m["diffusion_loss_right"],
              f"shuffled {m['diffusion_loss_shuffled']:.4f}, gap {m['diffusion_loss_gap']:.4f} +- "
              f"{m['diffusion_loss_gap_se']:.4f}"),

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from mmpeft.data.conversation import Sample
 from mmpeft.data.stories import VokenDataset, VokenSample, collate_vokens, story_context
+from mmpeft.eval.answers import _words, word_f1
 from mmpeft.eval.clip_scores import clip_image_embeddings, clip_text_embeddings
 from mmpeft.minigpt5.generation import interleaved_generate, prompt_tensors
 from mmpeft.minigpt5.model import diffusion_target
@@ -69,18 +70,39 @@ def conditioning_gap(model, conditions: torch.Tensor, latents: torch.Tensor, dra
 
 
 @torch.no_grad()
-def voken_emission(model, encoder, samples: list[VokenSample], max_new_tokens: int = 32) -> float:
-    """Fraction of samples for which greedy generation from the prompt (the conversation
-    without its answer) emits `[IMG0]`."""
+def greedy_answers(model, encoder, samples: list[VokenSample], max_new_tokens: int = 48) -> list[tuple[str, bool]]:
+    """For each sample, greedy generation from its prompt (the conversation without its
+    answer): `(the text before [IMG0], whether [IMG0] came)`."""
     model.eval()
-    hits = 0
+    answers = []
     for item in samples:
         prompt = Sample(item.sample.id, item.sample.messages[:-1], item.sample.images)
         ids, pixels = prompt_tensors(model, encoder, prompt)
         out = model.llava.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                                   max_new_tokens=max_new_tokens, do_sample=False)
-        hits += int(model.voken_ids[0] in out[0, ids.shape[1]:].tolist())
-    return hits / max(1, len(samples))
+                                   max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
+        first = model.voken_ids[0]
+        text = encoder.tokenizer.decode(out[: out.index(first)] if first in out else out, skip_special_tokens=True)
+        answers.append((text.strip(), first in out))
+    return answers
+
+
+def voken_emission(model, encoder, samples: list[VokenSample], max_new_tokens: int = 48) -> float:
+    """Fraction of samples for which greedy generation from the prompt emits `[IMG0]`."""
+    return sum(emitted for _, emitted in greedy_answers(model, encoder, samples, max_new_tokens)) / max(1, len(samples))
+
+
+SENTENCE_WORDS = 4  # fewer words before the image ("the top right.") do not tell the step
+
+
+def told_figures(texts: list[str], truths: list[str]) -> dict[str, float]:
+    """"Tell it and show it": the share of answers with a sentence (`SENTENCE_WORDS` words
+    or more) before the image, and the mean word F1 of that text against the step's true
+    sentence, next to the same against another story's (shifted by one): the control."""
+    n = max(1, len(texts))
+    return {"told_share": sum(len(_words(t)) >= SENTENCE_WORDS for t in texts) / n,
+            "told_word_f1": sum(word_f1(t, r) for t, r in zip(texts, truths, strict=True)) / n,
+            "told_word_f1_shuffled": sum(word_f1(t, r) for t, r in zip(texts, truths[1:] + truths[:1],
+                                                                          strict=True)) / n}
 
 
 def story_figures(model, pipeline, encoder, items: dict[str, list[VokenSample]], clip, clip_processor,
@@ -94,9 +116,11 @@ def story_figures(model, pipeline, encoder, items: dict[str, list[VokenSample]],
     from mmpeft.data.conversation import open_image
     from mmpeft.data.diffusion_targets import LatentTargets, sd_resolution
 
+    told = greedy_answers(model, encoder, items["multimodal"])
     figures = {"stories": len(items["image"]),
-               "voken_emission_where_image": voken_emission(model, encoder, items["multimodal"]),
-               "voken_emission_where_text": voken_emission(model, encoder, items["text"])}
+               "voken_emission_where_image": sum(emitted for _, emitted in told) / max(1, len(told)),
+               "voken_emission_where_text": voken_emission(model, encoder, items["text"]),
+               **told_figures([text for text, _ in told], [s.captions[0] for s in items["multimodal"]])}
     test = VokenDataset(items["image"], encoder, model.voken_ids, LatentTargets(pipeline.vae, sd_resolution(pipeline)))
     conds, latents = mapped_conditions(model, test)
     figures.update({f"diffusion_loss_{k}": v for k, v in conditioning_gap(model, conds, latents).items()})
@@ -139,6 +163,8 @@ def describe_story_figures(fig: dict) -> str:
     """One paragraph with the figures of `story_figures`."""
     return (f"held-out stories ({fig['stories']}): vokens emitted where an image belongs "
             f"{fig['voken_emission_where_image']:.2f}, where none does {fig['voken_emission_where_text']:.2f}; "
+            f"a sentence before the image in {fig['told_share']:.2f} of answers, word F1 {fig['told_word_f1']:.3f} "
+            f"against the true one ({fig['told_word_f1_shuffled']:.3f} against another story's); "
             f"diffusion loss with the right conditioning {fig['diffusion_loss_right']:.4f}, shuffled "
             f"{fig['diffusion_loss_shuffled']:.4f} (paired gap {fig['diffusion_loss_gap']:.4f} +- "
             f"{fig['diffusion_loss_gap_se']:.4f}), unconditional {fig['diffusion_loss_unconditional']:.4f}; "

@@ -124,6 +124,7 @@ def test_stage2_on_two_ranks_under_zero3_starts_from_stage1(stage2, stage1):
                 "clip_image_similarity_sd_caption", "clip_text_similarity_guided", "diffusion_loss_right"):
         assert key in metrics
     assert metrics["stories"] == 2 and metrics["skipped"] == {}
+    assert 0 <= metrics["told_share"] <= 1 and 0 <= metrics["told_word_f1_shuffled"] <= 1
     page = (out / "samples" / "index.html").read_text()
     assert page.count("<h2>") == 1 and "SD given the true caption" in page
 
