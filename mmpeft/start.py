@@ -96,3 +96,22 @@ def start_run(config_path: str, overrides: list[str], environ: dict, push_to: st
         torch.set_num_threads(cfg["threads"])
     world, zoo = folders_for(cfg, environ)
     return fill(cfg, world=world, zoo=zoo), zoo, rank, (print if rank == 0 else (lambda *_: None))
+
+
+def run_recipe(main, argv: list[str] | None = None) -> None:
+    """A recipe's `main(argv)`, where a bad training record (`BadRecord`, raised on every
+    rank alike while the data is prepared) ends the run with one line on the first rank,
+    naming the record, the reason and the option that skips such records, and exit status 1,
+    rather than a traceback from every rank."""
+    import os
+    import sys
+
+    from mmpeft.data.conversation import BadRecord
+
+    try:
+        main(argv)
+    except BadRecord as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}; data.skip_bad_records=true leaves such records out and counts them",
+                  file=sys.stderr)
+        raise SystemExit(1) from None

@@ -33,7 +33,7 @@ from mmpeft.llava.evaluation import accuracy_before_training, held_out_figures
 from mmpeft.llava.model import add_image_token, load_base_models
 from mmpeft.models.trainable import trainable_parameter_count
 from mmpeft.presets import resolve_preset
-from mmpeft.start import launch_record, start_recipe
+from mmpeft.start import launch_record, run_recipe, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
 from mmpeft.train.placement import rank_device
 
@@ -71,9 +71,10 @@ def main(argv=None):
     if d["feature_cache"]:  # the tower is frozen: its output is the same every epoch (shared with LLaVA's cache)
         features = prepare_feature_cache(d["feature_cache"], samples, encoder, vision, m["vision_feature_layer"],
                                          log=log)
-    dataset = ConversationDataset(samples, encoder, d["skip_bad_records"], features=features)
+    dataset = ConversationDataset(samples, encoder, d["skip_bad_records"], features=features,
+                                  source=str(d["train"]["path"]))
     log(f"data: {len(dataset)} conversations from {d['train']['path']}" + (f"; {dataset.skip_report()}"
-                                                                          if dataset.skipped else ""))
+                                                                          if dataset.skip_report() else ""))
 
     ##### evaluation before training
     e = cfg["eval"]
@@ -100,6 +101,7 @@ def main(argv=None):
     ##### evaluation after training
     if rank == 0:
         metrics = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "skipped": dict(dataset.skipped),
+                   "leading_assistant_turns_dropped": dataset.dropped_turns,
                    "gates": [round(torch.tanh(b.attn_gate).item(), 4) for b in model.xattn]}
         summary = f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}; tanh(attention gates) " \
                   f"{metrics['gates']}"
@@ -110,11 +112,11 @@ def main(argv=None):
             summary += "; " + text
         Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         log(summary)
-        if dataset.skipped:
+        if dataset.skip_report():
             log(dataset.skip_report())
         if args.push_to_hub:
             push(t["output_dir"], args.hub_model_id, log=log)
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -42,7 +42,7 @@ from mmpeft.llava.model import load_base_models
 from mmpeft.models.trainable import LoraSettings, apply_trainability, frozen_modules, trainable_parameter_count
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_clip, resolve_preset
-from mmpeft.start import launch_record, start_recipe
+from mmpeft.start import launch_record, run_recipe, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
 from mmpeft.train.placement import rank_device
 
@@ -131,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -39,7 +39,7 @@ from mmpeft.minigpt5.checkpoint import empty_caption, mapper_settings
 from mmpeft.models.trainable import LoraSettings, apply_trainability, frozen_modules, trainable_parameter_count
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_clip, load_diffusion, resolve_preset
-from mmpeft.start import launch_record, start_recipe
+from mmpeft.start import launch_record, run_recipe, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
 from mmpeft.train.placement import rank_device
 
@@ -87,8 +87,9 @@ def main(argv=None):
     pairs = read_pairs(d["train"])
     clip = ClipEmbeddings(vision, image_processor, d["target_cache"])
     captions = CaptionTargets(pipeline.tokenizer, pipeline.text_encoder, d["target_cache"])
-    prepare_targets(clip, [p.images[0] for p in pairs], log=log)
-    prepare_targets(captions, [p.messages[-1]["content"] for p in pairs], log=log)
+    good = [p for p in pairs if not p.problem]  # the dataset judges the bad ones
+    prepare_targets(clip, [p.images[0] for p in good], log=log)
+    prepare_targets(captions, [p.messages[-1]["content"] for p in good], log=log)
     dataset = GillDataset(pairs, encoder, model.voken_ids, d["prompt"], clip, captions, d["skip_bad_records"])
     log(f"data: {len(dataset)} caption pairs from {d['train']['path']}"
         + (f"; skipped {dataset.skip_report()}" if dataset.skipped else ""))
@@ -167,4 +168,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

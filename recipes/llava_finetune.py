@@ -56,7 +56,7 @@ from mmpeft.models.trainable import (
     trainable_parameter_count,
 )
 from mmpeft.presets import resolve_preset
-from mmpeft.start import launch_record, start_recipe
+from mmpeft.start import launch_record, run_recipe, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
 from mmpeft.train.placement import partitioned_loading, rank_device, zero3_loading_config
 
@@ -134,9 +134,10 @@ def main(argv=None):
         if m["trainable"]["vision"] != "frozen":
             raise ValueError("data.feature_cache needs model.trainable.vision: frozen")
         features = prepare_feature_cache(d["feature_cache"], samples, encoder, vision, layer, log=log)
-    dataset = ConversationDataset(samples, encoder, d["skip_bad_records"], features=features)
+    dataset = ConversationDataset(samples, encoder, d["skip_bad_records"], features=features,
+                                  source=str(source["path"]))
     log(f"data: {len(dataset)} conversations from {source['path']}" + (f"; {dataset.skip_report()}"
-                                                                       if dataset.skipped else ""))
+                                                                       if dataset.skip_report() else ""))
 
     ##### evaluation before training
     e = cfg["eval"]  # questions with checkable answers (the tiny world's); null skips evaluation
@@ -161,7 +162,8 @@ def main(argv=None):
 
     ##### evaluation after training
     if rank == 0:
-        metrics = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "skipped": dict(dataset.skipped)}
+        metrics = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "skipped": dict(dataset.skipped),
+                   "leading_assistant_turns_dropped": dataset.dropped_turns}
         summary = f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}"
         if questions:  # the model as saved, rebuilt from the output folder (free of ZeRO-3's partitioning)
             trained, _, _ = load_llava(t["output_dir"])
@@ -170,11 +172,11 @@ def main(argv=None):
             summary += "; " + text
         Path(t["output_dir"], "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         log(summary)
-        if dataset.skipped:
+        if dataset.skip_report():
             log(dataset.skip_report())
         if args.push_to_hub:
             push(t["output_dir"], args.hub_model_id, log=log)
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -32,7 +32,7 @@ import torch
 
 from mmpeft.data.conversation import ConversationEncoder, read_caption_jsonl, read_caption_shards
 from mmpeft.data.diffusion_targets import CaptionTargets, LatentTargets, prepare_targets, sd_resolution
-from mmpeft.data.stories import VokenDataset, caption_voken_sample, check_caption_fit, collate_vokens
+from mmpeft.data.stories import VokenDataset, VokenSample, caption_voken_sample, check_caption_fit, collate_vokens
 from mmpeft.data.templates import chat_template
 from mmpeft.hub import push
 from mmpeft.llava.model import llava_parts, llava_processor, load_base_models
@@ -66,7 +66,7 @@ from mmpeft.models.trainable import (
 )
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.presets import load_diffusion, resolve_preset
-from mmpeft.start import launch_record, start_recipe
+from mmpeft.start import launch_record, run_recipe, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
 from mmpeft.train.placement import rank_device
 
@@ -80,7 +80,8 @@ def read_pairs(source: dict, prompt: str, n_vokens: int):
         pairs = read_caption_jsonl(source["path"], source["image_folder"])
     else:
         raise ValueError(f"data format must be caption_shards or caption_jsonl, not {source['format']!r}")
-    return [caption_voken_sample(p.id, p.images[0], p.messages[-1]["content"], prompt, n_vokens) for p in pairs]
+    return [VokenSample(p, [], []) if p.problem else  # a reader's bad record, for the dataset to judge
+            caption_voken_sample(p.id, p.images[0], p.messages[-1]["content"], prompt, n_vokens) for p in pairs]
 
 
 def main(argv=None):
@@ -133,8 +134,8 @@ def main(argv=None):
     samples = read_pairs(d["train"], d["prompt"], m["n_vokens"])
     latents = LatentTargets(pipeline.vae, sd_resolution(pipeline), d["target_cache"])
     captions = CaptionTargets(pipeline.tokenizer, pipeline.text_encoder, d["target_cache"])
-    prepare_targets(latents, [s.targets[0] for s in samples], log=log)
-    prepare_targets(captions, [s.captions[0] for s in samples], log=log)
+    prepare_targets(latents, [s.targets[0] for s in samples if s.targets], log=log)  # a bad record has none
+    prepare_targets(captions, [s.captions[0] for s in samples if s.captions], log=log)
     dataset = VokenDataset(samples, encoder, voken_ids, latents, captions, d["skip_bad_records"])
     log(f"data: {len(dataset)} caption pairs from {d['train']['path']}; "
         + (dataset.skip_report() or "no record skipped"))
@@ -179,4 +180,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

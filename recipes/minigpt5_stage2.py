@@ -72,7 +72,7 @@ from mmpeft.models.trainable import (
 from mmpeft.models.vokens import trainable_token_targets
 from mmpeft.pages import write_story_page
 from mmpeft.presets import load_clip, load_diffusion, resolve_preset
-from mmpeft.start import launch_record, start_recipe
+from mmpeft.start import launch_record, run_recipe, start_recipe
 from mmpeft.train.loop import TrainConfig, train, training_dtype
 from mmpeft.train.placement import rank_device
 
@@ -209,4 +209,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

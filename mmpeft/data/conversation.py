@@ -25,21 +25,29 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 class BadRecord(ValueError):
-    """A record that cannot become a training sample; the message names it and says why."""
+    """A record that cannot become a training sample; the message names it (and its file,
+    `source`, when known) and says why."""
 
-    def __init__(self, record_id: str, reason: str, kind: str):
-        super().__init__(f"record {record_id}: {reason}")
+    def __init__(self, record_id: str, reason: str, kind: str, source: str | None = None):
+        super().__init__(f"{source + ': ' if source else ''}record {record_id}: {reason}")
         self.record_id, self.reason, self.kind = record_id, reason, kind
 
 
 @dataclass
 class Sample:
     """One conversation with the images its `<image>` markers refer to, in order. An image
-    is a path or raw bytes."""
+    is a path or raw bytes. `problem`: `(reason, kind)` when a reader found the record bad;
+    the dataset then stops on it, or with `skip_bad_records` leaves it out and counts it."""
 
     id: str
     messages: list[dict]
     images: list = field(default_factory=list)
+    problem: tuple[str, str] | None = None
+
+
+def bad_sample(record_id: str, reason: str, kind: str) -> Sample:
+    """A record a reader could not read (`Sample.problem`), kept for the dataset to judge."""
+    return Sample(record_id, [], problem=(reason, kind))
 
 
 def read_llava_json(path: str | Path, image_folder: str | Path) -> list[Sample]:
@@ -58,10 +66,12 @@ def read_llava_json(path: str | Path, image_folder: str | Path) -> list[Sample]:
         turns = rec.get("conversations")
         if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t
                                                   for t in turns):
-            raise ValueError(f"{path}: record {rid}: 'conversations' must be a list of {{from, value}}")
+            samples.append(bad_sample(rid, "'conversations' must be a list of {from, value}", "malformed"))
+            continue
         unknown = {t["from"] for t in turns} - set(ROLES)
         if unknown:
-            raise ValueError(f"{path}: record {rid}: unknown speaker(s) {sorted(unknown)}")
+            samples.append(bad_sample(rid, f"unknown speaker(s) {sorted(unknown)}", "unknown speaker"))
+            continue
         images = rec.get("image") or []
         images = [images] if isinstance(images, str) else list(images)
         samples.append(Sample(rid, [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns],
@@ -103,7 +113,8 @@ def caption_sample(sample_id: str, image, caption: str) -> Sample:
 
 def read_caption_shards(pattern: str) -> list[Sample]:
     """Caption pairs from img2dataset webdataset shards (`key.jpg` + `key.txt`); a key with
-    an image but no caption, or the reverse, is an error naming shard and key."""
+    an image but no caption, or the reverse, is a bad record (`Sample.problem`) named by
+    shard and key."""
     shards = sorted(glob.glob(pattern))
     if not shards:
         raise FileNotFoundError(f"no shards match {pattern}")
@@ -117,9 +128,12 @@ def read_caption_shards(pattern: str) -> list[Sample]:
                     members.setdefault(key, {})[ext] = tar.extractfile(info).read()
         for key, parts in members.items():
             image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+            rid = f"{Path(shard).name}/{key}"
             if image is None or "txt" not in parts:
-                raise ValueError(f"{shard}: key {key} lacks {'an image' if image is None else 'a caption (.txt)'}")
-            samples.append(caption_sample(f"{Path(shard).name}/{key}", image, parts["txt"].decode()))
+                samples.append(bad_sample(rid, "no image" if image is None else "no caption (.txt)",
+                                          "no image" if image is None else "no caption"))
+                continue
+            samples.append(caption_sample(rid, image, parts["txt"].decode()))
     return samples
 
 
@@ -131,7 +145,9 @@ def read_caption_jsonl(path: str | Path, image_folder: str | Path) -> list[Sampl
             continue
         row = json.loads(line)
         if "image" not in row or "caption" not in row:
-            raise ValueError(f"{path}: line {n} needs 'image' and 'caption'")
+            samples.append(bad_sample(str(row.get("id", f"line{n}")), f"line {n} needs 'image' and 'caption'",
+                                      "malformed"))
+            continue
         samples.append(caption_sample(str(row.get("id", f"line{n}")), Path(image_folder) / row["image"],
                                       row["caption"]))
     return samples

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,24 +17,32 @@ from mmpeft.data.feature_cache import VisionFeatureCache, image_digest
 class ConversationDataset(Dataset):
     """Encodes every sample's text and checks every image up front, so a bad record stops
     the run before any compute is spent (or, with `skip_bad_records`, is left out and
-    counted by reason in `skipped`). Images are decoded when a batch needs them, or, given
-    a built `VisionFeatureCache`, their features are read from it (`image_features`)."""
+    counted by reason in `skipped`). A conversation that opens with an assistant turn loses
+    that turn, as LLaVA's preprocessing drops it, counted in `dropped_turns`. Images are
+    decoded when a batch needs them, or, given a built `VisionFeatureCache`, their features
+    are read from it (`image_features`)."""
 
     def __init__(self, samples: list[Sample], encoder: ConversationEncoder, skip_bad_records: bool = False,
-                 check_images: bool = True, features: VisionFeatureCache | None = None):
+                 check_images: bool = True, features: VisionFeatureCache | None = None, source: str | None = None):
         self.encoder, self.features = encoder, features
         self.items: list[tuple[Sample, dict]] = []
         self.skipped: Counter = Counter()
         self.skipped_ids: list[str] = []
+        self.dropped_turns = 0
         for sample in samples:
+            if len(sample.messages) > 1 and sample.messages[0]["role"] == "assistant":
+                sample = replace(sample, messages=sample.messages[1:])
+                self.dropped_turns += 1
             try:
+                if sample.problem:
+                    raise BadRecord(sample.id, *sample.problem)
                 encoded = encoder.encode_text(sample)
                 if check_images:
                     for image in sample.images:
                         _check_image(image, sample.id)
             except BadRecord as err:
-                if not skip_bad_records:
-                    raise
+                if not skip_bad_records:  # named with its file, `source`
+                    raise BadRecord(err.record_id, err.reason, err.kind, source) from None
                 self.skipped[err.kind] += 1
                 self.skipped_ids.append(err.record_id)
                 continue
@@ -61,12 +70,16 @@ class ConversationDataset(Dataset):
         return [bool(s.images) for s, _ in self.items]
 
     def skip_report(self) -> str:
-        """One line saying what was skipped and why (empty when nothing was)."""
-        if not self.skipped:
-            return ""
-        reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items()))
-        shown = ", ".join(self.skipped_ids[:5]) + (" ..." if len(self.skipped_ids) > 5 else "")
-        return f"skipped {sum(self.skipped.values())} record(s): {reasons} (ids: {shown})"
+        """One line saying what was skipped and why, and how many leading assistant turns were
+        dropped (empty when neither happened)."""
+        parts = []
+        if self.skipped:
+            reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items()))
+            shown = ", ".join(self.skipped_ids[:5]) + (" ..." if len(self.skipped_ids) > 5 else "")
+            parts.append(f"skipped {sum(self.skipped.values())} record(s): {reasons} (ids: {shown})")
+        if self.dropped_turns:
+            parts.append(f"{self.dropped_turns} conversation(s) opened with an assistant turn, dropped as LLaVA does")
+        return "; ".join(parts)
 
 
 def _check_image(image, record_id: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from mmpeft.data.conversation import open_image
+from mmpeft.data.conversation import BadRecord, open_image
 from mmpeft.data.dataset import pad_tokens
 
 VECTORS, TEXTS = "vectors.safetensors", "texts.jsonl"
@@ -59,10 +59,13 @@ def read_embedding_set(folder: str | Path) -> tuple[torch.Tensor, list[tuple[str
 @torch.no_grad()
 def clip_image_set(folder: str | Path, pairs: list, clip_model, processor, batch_size: int = 64) -> Path:
     """An embedding set of caption pairs (`Sample`s of one image and its caption): each
-    distinct image's L2-normalised CLIP image embedding, with its captions."""
+    distinct image's L2-normalised CLIP image embedding, with its captions. A pair a reader
+    found bad (`Sample.problem`) is an error naming it."""
     rows: dict[bytes | str, int] = {}
     images, texts = [], []
     for p in pairs:
+        if p.problem:
+            raise BadRecord(p.id, *p.problem)
         key = p.images[0] if isinstance(p.images[0], bytes) else str(p.images[0])
         if key not in rows:
             rows[key] = len(images)

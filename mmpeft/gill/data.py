@@ -48,8 +48,10 @@ class GillDataset(Dataset):
         self.clip, self.captions = clip, captions
         self.items, self.skipped = [], Counter()
         for pair in pairs:
-            image, caption = pair.images[0], pair.messages[-1]["content"]
             try:
+                if pair.problem:  # a reader's bad record
+                    raise BadRecord(pair.id, *pair.problem)
+                image, caption = pair.images[0], pair.messages[-1]["content"]
                 cap = encoder.encode_text(caption_sample(pair.id, image, caption))
                 img = encoder.encode_text(caption_voken_sample(pair.id, image, caption, prompt).sample)
                 if img["input_ids"].count(voken_ids[-1]) != 1:

@@ -161,6 +161,28 @@ def test_stage2_reads_a_hugging_face_messages_dataset(stage1, small_world, small
     assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()
 
 
+def test_a_bad_record_ends_the_run_in_one_line_or_is_skipped_and_counted(stage1, small_world, small_zoo):
+    records = json.loads((small_world / "llava/train.json").read_text())[:8]
+    records[3] = {"id": "bad-3", "conversations": [{"from": "robot", "value": "hi"}]}
+    records[5]["conversations"].insert(0, {"from": "gpt", "value": "Hello."})  # LLaVA drops such a first turn
+    train = stage1[0].parent / "with_bad.json"
+    train.write_text(json.dumps(records))
+    out = stage1[0].parent / "stage2_bad"
+    overrides = (f"model.init_connector={stage1[0]}", f"data.train.path={train}", "training.max_steps=1",
+                 "eval.questions=null")
+    cmd, env = _command("llava_finetune.py", out, small_world, small_zoo[0], *overrides)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (f"error: {train}: record bad-3: unknown speaker(s) ['robot']; data.skip_bad_records=true leaves such "
+            "records out and counts them") in proc.stderr
+    stdout = _run("llava_finetune.py", out, small_world, small_zoo[0], *overrides, "data.skip_bad_records=true")
+    assert "data: 7 conversations from" in stdout
+    assert ("skipped 1 record(s): 1 unknown speaker (ids: bad-3); 1 conversation(s) opened with an assistant "
+            "turn, dropped as LLaVA does") in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped"] == {"unknown speaker": 1} and metrics["leading_assistant_turns_dropped"] == 1
+
+
 def test_qlora_under_zero3_saves_gathered_weights(stage1, small_world, small_zoo):
     from safetensors.torch import load_file
 

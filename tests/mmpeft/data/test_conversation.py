@@ -130,15 +130,69 @@ def test_messages_dataset_and_caption_jsonl(tmp_path):
     (sample,) = read_messages_dataset(rows)
     assert sample.messages == [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Red."}]
     (tmp_path / "c.jsonl").write_text('{"image": "a.jpg", "caption": "A red circle."}\n{"image": "b.jpg"}\n')
-    with pytest.raises(ValueError, match="c.jsonl: line 2 needs 'image' and 'caption'"):
-        read_caption_jsonl(tmp_path / "c.jsonl", tmp_path)
+    good, bad = read_caption_jsonl(tmp_path / "c.jsonl", tmp_path)  # a bad line is kept for the dataset to judge
+    assert good.problem is None and bad.problem == ("line 2 needs 'image' and 'caption'", "malformed")
 
 
-def test_llava_json_structure_errors_name_file_and_record(tmp_path):
+def _image(tmp_path, name="a.png"):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / name)
+    return name
+
+
+def _bad_llava_json(tmp_path):
+    image = _image(tmp_path)
+    good = {"id": "ok", "image": image, "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
+                                                          {"from": "gpt", "value": "Red."}]}
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"id": "x9", "conversations": [{"from": "robot", "value": "hi"}]}]))
-    with pytest.raises(ValueError, match=r"bad.json: record x9: unknown speaker\(s\) \['robot'\]"):
-        read_llava_json(path, tmp_path)
+    path.write_text(json.dumps([good, {"id": "x9", "conversations": [{"from": "robot", "value": "hi"}]},
+                                {"id": "x10", "conversations": "hi"}]))
+    return path
+
+
+def test_a_bad_llava_record_stops_the_run_naming_file_and_record_or_is_skipped_and_counted(tokenizer, tmp_path):
+    from mmpeft.data.dataset import ConversationDataset
+
+    path = _bad_llava_json(tmp_path)
+    samples = read_llava_json(path, tmp_path)
+    with pytest.raises(BadRecord, match=r"bad.json: record x9: unknown speaker\(s\) \['robot'\]"):
+        ConversationDataset(samples, _encoder(tokenizer), source=str(path))
+    kept = ConversationDataset(samples, _encoder(tokenizer), skip_bad_records=True, source=str(path))
+    assert len(kept) == 1 and dict(kept.skipped) == {"unknown speaker": 1, "malformed": 1}
+    assert kept.skipped_ids == ["x9", "x10"]
+
+
+def test_caption_shard_keys_without_a_caption_or_an_image_are_bad_records(tokenizer, tmp_path):
+    import io
+    import tarfile
+
+    from mmpeft.data.dataset import ConversationDataset
+
+    png = (tmp_path / _image(tmp_path)).read_bytes()
+    with tarfile.open(tmp_path / "s0.tar", "w") as tar:
+        for name, data in (("k1.png", png), ("k1.txt", b"Red."), ("k2.png", png), ("k3.txt", b"Lost.")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = read_caption_shards(str(tmp_path / "s*.tar"))
+    assert [(s.id, s.problem) for s in samples] == [
+        ("s0.tar/k1", None), ("s0.tar/k2", ("no caption (.txt)", "no caption")),
+        ("s0.tar/k3", ("no image", "no image"))]
+    with pytest.raises(BadRecord, match="s0.tar/k2: no caption"):
+        ConversationDataset(samples, _encoder(tokenizer))
+    kept = ConversationDataset(samples, _encoder(tokenizer), skip_bad_records=True)
+    assert len(kept) == 1 and dict(kept.skipped) == {"no caption": 1, "no image": 1}
+
+
+def test_a_conversation_opening_with_an_assistant_turn_loses_it_as_llava_does(tokenizer, tmp_path):
+    from mmpeft.data.dataset import ConversationDataset
+
+    image = tmp_path / _image(tmp_path)
+    opening = Sample("a1", [{"role": "assistant", "content": "Hello."}, *TWO_TURNS.messages], [image])
+    dataset = ConversationDataset([opening], _encoder(tokenizer))
+    assert dataset.dropped_turns == 1 and dataset.items[0][0].messages == TWO_TURNS.messages
+    assert "1 conversation(s) opened with an assistant turn, dropped as LLaVA does" in dataset.skip_report()
 
 
 def test_pad_to_square_centres_the_image_on_the_mean_colour(tokenizer, tmp_path):
