@@ -59,8 +59,8 @@ def _export(args) -> int:
     return 0
 
 
-def _recipe(model: dict) -> str | None:
-    """Which recipe a config is for, by the model sections each has: a mapper and a retrieval
+def _family(model: dict) -> str | None:
+    """Which family a config is for, by the model sections each has: a mapper and a retrieval
     head (GILL), a mapper and a connector (MiniGPT-5), a connector alone (LLaVA)."""
     if "mapper" in model:
         return "gill" if "retrieval_dim" in model else "minigpt5" if "connector" in model else None
@@ -86,6 +86,7 @@ def _plan(args) -> int:
     import json
 
     from mmpeft.config import load_config
+    from mmpeft.families import families
     from mmpeft.presets import resolve_preset
     from mmpeft.start import config_file, ds_config_file
     from mmpeft.train import plan, plan_parts
@@ -93,7 +94,7 @@ def _plan(args) -> int:
     path = config_file(args.config, Path(str(importlib.resources.files("mmpeft.recipes"))) / "configs")
     cfg = load_config(path, args.overrides)
     m, t, data = cfg["model"], cfg["training"], cfg["data"]
-    recipe = _recipe(m)
+    recipe = _family(m)
     if recipe is None:
         print(f"mmpeft plan: {path} is no LLaVA (model.connector), MiniGPT-5 (model.connector and model.mapper) or "
               "GILL (model.mapper and model.retrieval_dim) config", file=sys.stderr)
@@ -128,20 +129,11 @@ def _plan(args) -> int:
         lora_targets=targets if targets == "all-linear" else tuple(targets), trainable=m["trainable"],
         new_token_rows=m.get("n_vokens", 0),  # the vokens' ([IMG]) rows of the embeddings and head train
         eager_attention=m.get("attn_implementation") == "eager")
-    parts = None
-    if recipe == "gill":  # CLIP stays on the host: its embeddings are inputs and targets
-        clip, vision, connector = vision, plan.VisionSizes(0, 0, 0), 0
-        parts = plan_parts.gill_parts(lm, clip, plan_parts.diffusion_sizes(*configs["diffusion"]), m["mapper"],
-                                      m["n_vokens"], m["image_tokens"], m["retrieval_dim"],
-                                      data.get("concat_captions", 0) > 0)
-    else:
-        connector = plan.connector_params(m["connector"], vision.hidden, lm.hidden)
-    if recipe == "minigpt5":  # stage 2's stories show images (at most as many as data.max_length holds)
-        fit = data["max_length"] // vision.image_tokens
-        shown = min(fit, data["history"] + 1) if isinstance(data.get("history"), int) else fit
-        images = shown if "tasks" in data and not data.get("feature_cache") else 0
-        parts = plan_parts.minigpt5_parts(lm, vision, plan_parts.diffusion_sizes(*configs["diffusion"]), m["mapper"],
-                                          m["mapper_trainable"], m["n_vokens"], images)
+    plan_family = families()[recipe].plan_parts
+    if plan_family is None:
+        parts, connector = None, plan.connector_params(m["connector"], vision.hidden, lm.hidden)
+    else:  # what the family's run holds besides a LLaVA-style model
+        parts, vision, connector = plan_family(lm, vision, plan_parts.diffusion_sizes(*configs["diffusion"]), m, data)
     result = plan.memory_plan(lm, vision, connector, settings, args.gpu_memory, parts)
     if parts is None:
         print(f"{path}: LM {sources['lm']}, vision {sources['clip']} ({vision.image_tokens} tokens per image, "

@@ -60,7 +60,10 @@ class Family:
     `load(folder, lm, clip, diffusion, base_kwargs)` rebuilds a run folder as `Loaded`;
     `export(folder, out, lm, clip)` writes its standalone merged checkpoint into `out` and
     returns the settings it was built from, or is `None` with `no_export` saying why.
-    `card_metrics` and `figures` are keyed by recipe name."""
+    `card_metrics` and `figures` are keyed by recipe name. `plan_parts(lm, vision, diffusion,
+    model, data)`, for `mmpeft plan`, gives what a config's run holds besides a LLaVA-style
+    model: `(mmpeft.train.plan_parts.RecipeParts, the vision tower's sizes on the GPU, the
+    connector's parameters)`; None plans the LLaVA-style model alone."""
 
     name: str
     recipes: tuple[str, ...]  # the `recipe` its runs record in mmpeft_config.json
@@ -71,6 +74,7 @@ class Family:
     no_export: str = ""
     card_metrics: dict[str, tuple[CardMetric, ...]] = field(default_factory=dict)
     figures: dict[str, Callable[[str, dict], list[FigureRow]]] = field(default_factory=dict)
+    plan_parts: Callable[..., tuple] | None = None
 
 
 def families() -> dict[str, Family]:

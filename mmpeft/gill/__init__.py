@@ -38,6 +38,12 @@ def _rows(name: str, m: dict) -> list:
              f"captions only {m['story_captions_recall_at_1']:.3f}, chance {1 / m['story_stories']:.3f}")]
 
 
+def _plan_parts(*args):
+    from mmpeft.gill.plan import plan_parts
+
+    return plan_parts(*args)
+
+
 FAMILY = Family(
     name="gill",
     recipes=("gill",),
@@ -54,4 +60,5 @@ FAMILY = Family(
         CardMetric("decision_accuracy", "accuracy", "text-classification", "retrieve-or-generate decision accuracy"),
     )},
     figures={"gill": _rows},
+    plan_parts=_plan_parts,
 )

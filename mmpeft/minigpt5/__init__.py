@@ -49,6 +49,12 @@ def _stage2_rows(name: str, m: dict) -> list:
              f"without guidance {m['clip_text_similarity_unguided']:.3f}")]
 
 
+def _plan_parts(*args):
+    from mmpeft.minigpt5.plan import plan_parts
+
+    return plan_parts(*args)
+
+
 FAMILY = Family(
     name="minigpt5",
     recipes=("minigpt5_stage1", "minigpt5_stage2"),
@@ -66,4 +72,5 @@ FAMILY = Family(
                                        "CLIP similarity of generated and true last story images")),
     },
     figures={"minigpt5_stage1": _stage1_rows, "minigpt5_stage2": _stage2_rows},
+    plan_parts=_plan_parts,
 )

@@ -34,12 +34,15 @@ def zero3_loading_config(training: dict, quantized: bool = False) -> dict | None
     """The run's DeepSpeed config, filled as the loop fills it, when it partitions
     parameters (ZeRO-3) and the LM is not quantized (bitsandbytes quantizes while loading,
     which zero.Init cannot partition); else None. `training`: the recipe's `training:`
-    section. Joins the process group, whose size the config's batch size needs."""
-    from mmpeft.train.loop import TrainConfig, deepspeed_config, setup_distributed
+    section. The batch sizes are filled for the process group's size (`WORLD_SIZE` before
+    it is joined; one process without either)."""
+    import torch.distributed as dist
+
+    from mmpeft.train.loop import TrainConfig, deepspeed_config
 
     if quantized:
         return None
-    _, world = setup_distributed()
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
     config = deepspeed_config(TrainConfig(**training), world)
     return config if config.get("zero_optimization", {}).get("stage") == 3 else None
 

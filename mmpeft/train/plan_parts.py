@@ -13,9 +13,10 @@ Where each recipe keeps its parts (recipes/gill.py, minigpt5_stage1.py, minigpt5
   mapper and the LM. The VAE and the text encoder stay on the host, where they make the
   target latents and caption encodings. Each sample has at most one target image.
 
-The plan is for the training steps; the evaluation after them, on the first rank's GPU, is
-not planned. Parameters are counted exactly by building each part on the meta device from
-its config.
+Each family builds its `RecipeParts` (`Family.plan_parts`: `mmpeft/gill/plan.py`,
+`mmpeft/minigpt5/plan.py`); this module holds the arithmetic. The plan is for the training
+steps; the evaluation after them, on the first rank's GPU, is not planned. Parameters
+are counted exactly by building each part on the meta device from its config.
 Activations are the bytes autograd keeps for backward (d: the training dtype's bytes, s
 tokens x b samples, m: a dropout mask's bytes per element, 1 on CUDA). The formulas are in
 the docstrings of `lm_layer_bytes`, `lm_activation_bytes`, `logit_bytes`,
@@ -112,24 +113,6 @@ class MapperSizes:
     ff: int
     encoder_layers: int
     decoder_layers: int
-
-
-def mapper_sizes(llm_hidden: int, out_dim: int, n_query: int, n_vokens: int, d_model: int, heads: int,
-                 encoder_layers: int, decoder_layers: int, ff: int, input_layers: int = 2,
-                 trained: tuple[str, ...] = ("mlp", "query", "transformer")) -> MapperSizes:
-    """The sizes of MiniGPT-5's and GILL's `VokenMapper` (GILL: `input_layers=1`), built on
-    the meta device; `trained` names the parts (`mapper_parts`: mlp, query, transformer)
-    that train."""
-    import torch
-
-    from mmpeft.minigpt5.model import VokenMapper, mapper_parts
-
-    with torch.device("meta"):
-        mapper = VokenMapper(llm_hidden, out_dim, n_query, d_model, heads, encoder_layers, decoder_layers, ff,
-                             input_layers)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return MapperSizes(count(mapper), sum(count(m) for k, m in mapper_parts(mapper).items() if k in trained),
-                       llm_hidden, out_dim, n_query, n_vokens, d_model, ff, encoder_layers, decoder_layers)
 
 
 def mapper_activation_bytes(m: MapperSizes, runs: int, dtype_bytes: int) -> int:
@@ -329,40 +312,6 @@ class RecipeParts:
         if self.diffusion:
             rows["UNet activations"] = unet_activation_bytes(self.diffusion, b, d, s.gradient_checkpointing)
         return rows
-
-
-def gill_parts(lm: LMSizes, clip: VisionSizes, diffusion: DiffusionSizes, mapper: dict, n_vokens: int,
-               image_tokens: int, retrieval_dim: int, joined_captions: bool) -> RecipeParts:
-    """GILL's parts: the image input map (CLIP's embedding to `image_tokens` LM inputs), the
-    retrieval head and the generation mapper (`mapper`: `VokenMapper`'s d_model, heads,
-    encoder_layers, decoder_layers, ff; one linear layer in) train, the decision head waits
-    for its own step; CLIP and Stable Diffusion stay on the host. `joined_captions`: the
-    captioning pass may join two captions (`data.concat_captions` > 0), twice the tokens."""
-    import torch
-
-    from mmpeft.gill.model import DecisionHead, ImageInput, RetrievalHead
-
-    with torch.device("meta"):
-        heads = ImageInput(clip.hidden, lm.hidden, image_tokens), RetrievalHead(lm.hidden, clip.hidden, retrieval_dim)
-        decision = DecisionHead(lm.hidden)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    m = mapper_sizes(lm.hidden, diffusion.width, diffusion.context, n_vokens, **mapper, input_layers=1)
-    return RecipeParts("GILL", gpu_frozen=count(decision), trained=sum(map(count, heads)) + m.params,
-                       host_only=clip.params + diffusion.unet + diffusion.vae + diffusion.text_encoder,
-                       passes=(2 if joined_captions else 1, 1), mapper=m)
-
-
-def minigpt5_parts(lm: LMSizes, vision: VisionSizes, diffusion: DiffusionSizes, mapper: dict,
-                   mapper_trainable: dict, n_vokens: int, tower_images: int) -> RecipeParts:
-    """MiniGPT-5's parts besides the LLaVA model: the mapper (`mapper` as for GILL, two linear
-    layers in; `mapper_trainable` says which of mlp, query, transformer train) and the frozen
-    UNet on the GPU, the VAE and text encoder on the host. `tower_images`: images per sample
-    that go through the CLIP tower (stage 2's context images without a feature cache)."""
-    trained = tuple(part for part, how in mapper_trainable.items() if how == "full")
-    m = mapper_sizes(lm.hidden, diffusion.width, diffusion.context, n_vokens, **mapper, trained=trained)
-    return RecipeParts("MiniGPT-5", gpu_frozen=m.params - m.trained + diffusion.unet, trained=m.trained,
-                       host_only=diffusion.vae + diffusion.text_encoder, passes=(1,), mapper=m, diffusion=diffusion,
-                       vision=vision, tower_images=tower_images)
 
 
 def describe_parts(parts: RecipeParts, lm: LMSizes, vision: VisionSizes, connector: int, s: Settings) -> str:

@@ -38,8 +38,10 @@ os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_A
 import deepspeed
 from mmpeft.llava.model import add_image_token, load_base_models
 from mmpeft.presets import resolve_preset
+from mmpeft.train.loop import setup_distributed
 from mmpeft.train.placement import full_numel, partitioned_loading, zero3_loading_config
 
+setup_distributed()  # as every recipe's start does
 zero3 = zero3_loading_config({"output_dir": folder, "max_steps": 1, "ds_config": ds})
 lm, tokenizer, vision, _ = load_base_models(resolve_preset("tiny", zoo_dir=zoo), zero3=zero3, log=lambda _: None)
 held = sum(p.ds_tensor.numel() for p in lm.parameters())

@@ -20,8 +20,10 @@ from transformers import (
     OPTForCausalLM,
 )
 
+from mmpeft.gill import plan as gill_plan
 from mmpeft.gill.model import GILL, DecisionHead, ImageInput, RetrievalHead
 from mmpeft.llava.model import build_llava, llava_parts
+from mmpeft.minigpt5 import plan as minigpt5_plan
 from mmpeft.minigpt5.model import MiniGPT5, VokenMapper, mapper_parts
 from mmpeft.models.trainable import LoraSettings, apply_trainability, frozen_modules
 from mmpeft.models.vokens import trainable_token_targets
@@ -162,7 +164,7 @@ def test_a_gill_step_keeps_what_the_plan_says(llm):
     model, config = _gill(llm)
     lm = plan.lm_sizes(config)
     clip = plan.VisionSizes(1000, CLIP_DIM, 0)
-    parts = plan_parts.gill_parts(lm, clip, _diffusion(), MAPPER, len(VOKENS), 4, 32, joined_captions=True)
+    parts = gill_plan.gill_parts(lm, clip, _diffusion(), MAPPER, len(VOKENS), 4, 32, joined_captions=True)
     s = _settings(trainable={"llm": llm}, lora_targets="all-linear")
     p = plan.memory_plan(lm, plan.VisionSizes(0, 0, 0), 0, s, 100, parts)
     _assert_tensors_match_the_plan(model, p)
@@ -224,7 +226,7 @@ def test_a_minigpt5_step_keeps_what_the_plan_says(stage, checkpointing):
     model, config, vision_config, choice = _minigpt5(llm, mapper_trainable, checkpointing)
     lm, vision, diffusion = plan.lm_sizes(config), plan.vision_sizes(vision_config), _diffusion()
     connector = plan.connector_params("mlp2x_gelu", vision.hidden, lm.hidden)
-    parts = plan_parts.minigpt5_parts(lm, vision, diffusion, MAPPER, mapper_trainable, len(VOKENS), images)
+    parts = minigpt5_plan.minigpt5_parts(lm, vision, diffusion, MAPPER, mapper_trainable, len(VOKENS), images)
     s = _settings(trainable=choice, gradient_checkpointing=checkpointing)
     p = plan.memory_plan(lm, vision, connector, s, 100, parts)
     _assert_tensors_match_the_plan(model, p)
