@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from mmpeft.train.collectives import all_reduce
 from mmpeft.train.modes import enable_gradient_checkpointing, parts_in_eval, train_mode
+from mmpeft.train.placement import match_partitioned_dtype
 from mmpeft.train.reporting import (
     RunReport,
     Throughput,
@@ -261,6 +262,7 @@ def train(model: torch.nn.Module, dataset, collate: Callable, cfg: TrainConfig,
             log(f"gradient checkpointing: {', '.join(turned_on)}")
     in_eval = parts_in_eval(frozen, cfg.gradient_checkpointing)
     ds_config = deepspeed_config(cfg, world)
+    match_partitioned_dtype(model, torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None)
     optimizer, scheduler = _optimizer_and_schedule(model, cfg, offloads_optimizer(ds_config))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)

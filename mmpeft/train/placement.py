@@ -86,3 +86,15 @@ def device_of(module: torch.nn.Module) -> torch.device:
 def to_device(batch: dict, device: torch.device) -> dict:
     """`batch` with every tensor moved to `device` (other values as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def match_partitioned_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """Under 16-bit training, the parameters of a model that loaded partly partitioned
+    (ZeRO-3 `partitioned_loading`) and are not yet partitioned (LoRA, a new connector, a
+    resized embedding) in `dtype`: the engine casts only what it partitions itself, and its
+    optimizer takes one dtype. A model with no partitioned parameter is left to the engine."""
+    if dtype is None or not any(is_partitioned(p) for p in model.parameters()):
+        return
+    for p in model.parameters():
+        if p.is_floating_point() and not is_partitioned(p) and p.dtype != dtype:
+            p.data = p.data.to(dtype)
