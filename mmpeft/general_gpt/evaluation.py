@@ -27,7 +27,7 @@ def retrieval_figures(model, tokenizer, vectors: torch.Tensor, texts: list[tuple
     meaningful when the vectors are that CLIP's image embeddings."""
     rows, refs = _by_row(texts, limit)
     queries = [refs[r][0] for r in rows]
-    predicted = []
+    predicted, device = [], device_of(model)
     for start in range(0, len(queries), batch_size):
         prompts = [retrieval_prompt(tokenizer, q) for q in queries[start:start + batch_size]]
         width = max(map(len, prompts))
@@ -35,8 +35,8 @@ def retrieval_figures(model, tokenizer, vectors: torch.Tensor, texts: list[tuple
         mask = torch.zeros_like(ids)
         for k, p in enumerate(prompts):
             ids[k, :len(p)], mask[k, :len(p)] = torch.tensor(p), 1
-        predicted.append(model.regress(ids.to(device_of(model)), mask.to(device_of(model))))
-    index = torch.nn.functional.normalize(vectors[rows].float(), dim=-1).to(device_of(model))
+        predicted.append(model.regress(ids.to(device), mask.to(device)))
+    index = torch.nn.functional.normalize(vectors[rows].float(), dim=-1).to(device)
     scores = torch.nn.functional.normalize(torch.cat(predicted).float(), dim=-1) @ index.T
     truth = torch.arange(len(rows))
     ours = recall(scores, truth)

@@ -107,11 +107,10 @@ def qlora_device_map(env=None, cuda: bool | None = None) -> dict | None:
     """Where a 4-bit LM loads: on this rank's own GPU (`LOCAL_RANK`, which the launcher
     sets), since bitsandbytes quantizes while loading and, left alone, every rank would put
     its copy on GPU 0. None without a GPU (the CPU backend)."""
-    import os
+    from mmpeft.train.placement import rank_device
 
-    env = os.environ if env is None else env
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    return {"": int(env.get("LOCAL_RANK", 0))} if cuda else None
+    device = rank_device(env, cuda)
+    return {"": device.index} if device.type == "cuda" else None
 
 
 def load_base_models(preset, qlora: bool = False, dtype: torch.dtype = torch.float32, log=print,
