@@ -18,9 +18,10 @@ import time
 import torch
 from side_by_side import compare, parser, preset_and_data, report
 
-from mmpeft.data.conversation import ConversationEncoder, read_caption_shards
+from mmpeft.data.conversation import ConversationEncoder
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
 from mmpeft.data.feature_cache import prepare_feature_cache, tower_features
+from mmpeft.data.readers import read_caption_shards
 from mmpeft.data.templates import chat_template
 from mmpeft.llava.model import add_image_token, build_llava, llava_forward, llava_parts, load_base_models
 from mmpeft.models.trainable import apply_trainability
@@ -47,11 +48,15 @@ def main(argv=None):
         datasets = {"cached features": ConversationDataset(samples, encoder, features=features),
                     "tower every step": ConversationDataset(samples, encoder)}
         runs = compare(model, lambda m, batch: llava_forward(m, batch).loss, datasets, collate, args)
+        start = time.perf_counter()  # where an uncached step's time goes: decoding, then the tower on one batch
         pixels = collate([datasets["tower every step"][k] for k in range(args.batch_size)])["pixel_values"]
-        start = time.perf_counter()  # where an uncached step's time goes: the tower alone on one batch
+        decode_seconds = time.perf_counter() - start
+        start = time.perf_counter()
         with torch.no_grad():
             tower_features(vision, pixels.to(args.device), -2)
         tower_seconds = time.perf_counter() - start
+    build_rate = len(features.index) / build_seconds  # images/s of the cache job, against the training step's
+    step_rate = args.batch_size / (decode_seconds + tower_seconds)
     step_seconds = args.batch_size * len(runs["tower every step"]) / sum(runs["tower every step"])
     cached_seconds = args.batch_size * len(runs["cached features"]) / sum(runs["cached features"])
     report(runs, TARGET, args, f"an uncached step takes about {step_seconds:.3f} s, of which the tower's forward "
@@ -59,9 +64,12 @@ def main(argv=None):
            f"the rest that the cache saves; a cached step still takes {cached_seconds:.3f} s "
            f"({cached_seconds / step_seconds:.0%}): the connector, the LM's forward and the backward through it to "
            f"the connector, and AdamW; no cache removes that part, and 3x needs it to be at most a third of an "
-           f"uncached step; building the cache took {build_seconds:.1f} s",
+           f"uncached step; building the cache took {build_seconds:.1f} s: {build_rate:.1f} images/s, against "
+           f"{step_rate:.1f} images/s decoded and encoded inside an uncached training step "
+           f"({build_rate / step_rate:.2f}x)",
            cache_build_seconds=build_seconds, tower_forward_seconds=tower_seconds, uncached_step_seconds=step_seconds,
-           cached_step_seconds=cached_seconds)
+           cached_step_seconds=cached_seconds, cache_build_images_per_s=build_rate,
+           step_encoding_images_per_s=step_rate)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def run_trl(args, world: Path, out: Path) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from mmpeft.data.conversation import read_llava_json
+    from mmpeft.data.readers import read_llava_json
     from mmpeft.data.templates import chat_template
     from mmpeft.llava.model import add_image_token, build_llava, llava_processor, load_base_models
     from mmpeft.presets import resolve_preset

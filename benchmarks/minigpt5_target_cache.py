@@ -18,8 +18,9 @@ import time
 import torch
 from side_by_side import compare, parser, preset_and_data, report
 
-from mmpeft.data.conversation import ConversationEncoder, read_caption_shards
+from mmpeft.data.conversation import ConversationEncoder
 from mmpeft.data.diffusion_targets import CaptionTargets, LatentTargets, prepare_targets, sd_resolution
+from mmpeft.data.readers import read_caption_shards
 from mmpeft.data.stories import VokenDataset, caption_voken_sample, collate_vokens
 from mmpeft.data.templates import chat_template
 from mmpeft.llava.model import llava_parts, load_base_models

@@ -32,7 +32,7 @@ from mmpeft.instruct.backends import (
     default_gguf,
     load_tokenizer,
 )
-from mmpeft.instruct.context import read_coco_contexts, read_jsonl_contexts
+from mmpeft.instruct.context import BadInput, read_coco_contexts, read_jsonl_contexts
 from mmpeft.instruct.prompts import TASKS, detail_questions, load_prompt
 from mmpeft.instruct.run import ServerUnreachable, generate, llava_record, plan_jobs, write_outputs
 from mmpeft.instruct.store import ResultStore
@@ -51,6 +51,10 @@ def parse_args(argv):
     src.add_argument("--max-captions", type=int, default=5)
     src.add_argument("--max-boxes", type=int, default=20)
     src.add_argument("--crowd", choices=("drop", "keep"), default="drop", help="COCO crowd boxes")
+    src.add_argument("--skip-bad-records", action="store_true",
+                     help="leave out images with no captions, an unknown category or a malformed box (or JSONL\n"
+                          "lines that are not JSON) and count them by reason; without it the first one stops\n"
+                          "the run, named with its file and record")
     gen = p.add_argument_group("generation")
     gen.add_argument("--tasks", default=",".join(TASKS))
     gen.add_argument("--prompts", default=str(HERE / "prompts"), help="folder of task prompt files")
@@ -76,6 +80,28 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def read_input(args):
+    """`(contexts, report, whether boxes were given)` from `--jsonl`, the COCO files, or the
+    tiny world's training files (then `--image-prefix` and `--limit` get its defaults)."""
+    if args.jsonl:
+        contexts, report = read_jsonl_contexts(args.jsonl, args.max_captions, args.max_boxes,
+                                               skip_bad_records=args.skip_bad_records)
+        return contexts, report, True
+    captions, instances, prefix = args.captions, args.instances, args.image_prefix
+    if not captions:
+        from mmpeft.tiny import cache_root, tiny_world
+
+        world = tiny_world(cache_root(None, os.environ))
+        captions = world / "coco/annotations/captions_train.json"
+        instances = world / "coco/annotations/instances_train.json"
+        args.image_prefix = "train/" if prefix is None else prefix
+        args.limit = 4 if args.limit is None else args.limit
+        print(f"input: the tiny world at {world} (first {args.limit} training images)")
+    contexts, report = read_coco_contexts(captions, instances, args.max_captions, args.max_boxes, args.crowd,
+                                          skip_bad_records=args.skip_bad_records)
+    return contexts, report, instances
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.max_outage < 0:
@@ -84,21 +110,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     ##### input
-    if args.jsonl:
-        contexts, report = read_jsonl_contexts(args.jsonl, args.max_captions, args.max_boxes)
-        instances = True
-    else:
-        captions, instances, prefix = args.captions, args.instances, args.image_prefix
-        if not captions:
-            from mmpeft.tiny import cache_root, tiny_world
-
-            world = tiny_world(cache_root(None, os.environ))
-            captions = world / "coco/annotations/captions_train.json"
-            instances = world / "coco/annotations/instances_train.json"
-            args.image_prefix = "train/" if prefix is None else prefix
-            args.limit = 4 if args.limit is None else args.limit
-            print(f"input: the tiny world at {world} (first {args.limit} training images)")
-        contexts, report = read_coco_contexts(captions, instances, args.max_captions, args.max_boxes, args.crowd)
+    try:
+        contexts, report, instances = read_input(args)
+    except BadInput as err:
+        sys.exit(f"input: {err}; --skip-bad-records leaves such images out and counts them")
     for line in report.lines():
         print(f"input: {line}")
     contexts = contexts[: args.limit] if args.limit else contexts

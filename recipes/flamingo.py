@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from mmpeft.data.conversation import ConversationEncoder, read_llava_json
-from mmpeft.data.dataset import ConversationDataset, collate_conversations
+from mmpeft.data.conversation import ConversationEncoder
+from mmpeft.data.dataset import collate_conversations, conversation_dataset
 from mmpeft.data.feature_cache import prepare_feature_cache
+from mmpeft.data.prepared import files_fingerprint
+from mmpeft.data.readers import iter_llava_json
 from mmpeft.data.templates import chat_template
 from mmpeft.eval.answers import read_questions
 from mmpeft.flamingo.checkpoint import load_flamingo, save_flamingo
@@ -66,15 +68,15 @@ def main(argv=None):
                                   m["image_token"], 1, d["max_length"], d["pad_to_square"])
     if d["train"]["format"] != "llava_json":
         raise ValueError(f"data.train.format: this recipe reads llava_json, not {d['train']['format']!r}")
-    samples = read_llava_json(d["train"]["path"], d["train"]["image_folder"])
-    features = None
+    source = d["train"]
+    dataset = conversation_dataset(lambda: iter_llava_json(source["path"], source["image_folder"]),
+                                   {"files": files_fingerprint([source["path"]]), "images": source["image_folder"]},
+                                   encoder, d["prepared"], d["skip_bad_records"], str(source["path"]), log=log)
     if d["feature_cache"]:  # the tower is frozen: its output is the same every epoch (shared with LLaVA's cache)
-        features = prepare_feature_cache(d["feature_cache"], samples, encoder, vision, m["vision_feature_layer"],
-                                         log=log)
-    dataset = ConversationDataset(samples, encoder, d["skip_bad_records"], features=features,
-                                  source=str(d["train"]["path"]))
-    log(f"data: {len(dataset)} conversations from {d['train']['path']}" + (f"; {dataset.skip_report()}"
-                                                                          if dataset.skip_report() else ""))
+        dataset.features = prepare_feature_cache(d["feature_cache"], dataset.images(), encoder, vision,
+                                                 m["vision_feature_layer"], log=log)
+    log(f"data: {len(dataset)} conversations from {source['path']}" + (f"; {dataset.skip_report()}"
+                                                                     if dataset.skip_report() else ""))
 
     ##### evaluation before training
     e = cfg["eval"]

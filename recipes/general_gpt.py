@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from mmpeft.data.conversation import read_caption_jsonl, read_caption_shards
 from mmpeft.data.embeddings import (
     EmbeddingTextDataset,
     clip_image_set,
     collate_embedding_texts,
     read_embedding_set,
 )
+from mmpeft.data.readers import read_caption_jsonl, read_caption_shards
 from mmpeft.general_gpt.checkpoint import load_general_gpt, save_general_gpt
 from mmpeft.general_gpt.evaluation import caption_figures, retrieval_figures
 from mmpeft.general_gpt.model import (

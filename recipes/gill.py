@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from mmpeft.data.coco import read_coco
-from mmpeft.data.conversation import ConversationEncoder, read_caption_jsonl, read_caption_shards
+from mmpeft.data.conversation import ConversationEncoder
 from mmpeft.data.diffusion_targets import CaptionTargets, prepare_targets
+from mmpeft.data.readers import read_caption_jsonl, read_caption_shards
 from mmpeft.data.stories import read_vist
 from mmpeft.data.templates import chat_template
 from mmpeft.gill import decision

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import torch
 
-from mmpeft.data.conversation import ConversationEncoder, read_llava_json, read_messages_dataset
-from mmpeft.data.dataset import ConversationDataset, collate_conversations
+from mmpeft.data.conversation import ConversationEncoder
+from mmpeft.data.dataset import collate_conversations, conversation_dataset
 from mmpeft.data.feature_cache import prepare_feature_cache
+from mmpeft.data.prepared import files_fingerprint
+from mmpeft.data.readers import iter_llava_json, iter_messages_dataset
 from mmpeft.data.templates import chat_template
 from mmpeft.eval.answers import read_questions
 from mmpeft.hub import push
@@ -120,22 +122,24 @@ def main(argv=None):
                                   d["pad_to_square"])
     source = d["train"]
     if source["format"] == "llava_json":
-        samples = read_llava_json(source["path"], source["image_folder"])
+        samples = lambda: iter_llava_json(source["path"], source["image_folder"])  # noqa: E731
+        data = {"files": files_fingerprint([source["path"]]), "images": source["image_folder"]}
     elif source["format"] == "messages_dataset":  # `messages` + `images` columns, as TRL's vision SFT reads
         import datasets
 
         hf = (datasets.load_from_disk(source["path"]) if Path(source["path"]).is_dir()
               else datasets.load_dataset(source["path"], split=source.get("split", "train")))
-        samples = read_messages_dataset(hf, id_column="id" if "id" in hf.column_names else None)
+        samples = lambda: iter_messages_dataset(hf, id_column="id" if "id" in hf.column_names else None)  # noqa: E731
+        data = {"dataset": hf._fingerprint}
     else:
         raise ValueError(f"data.train.format must be llava_json or messages_dataset, not {source['format']!r}")
-    features = None
+    dataset = conversation_dataset(samples, data, encoder, d["prepared"], d["skip_bad_records"], str(source["path"]),
+                                   log=log)
     if d["feature_cache"]:  # only while the tower is frozen: its output is then the same every epoch
         if m["trainable"]["vision"] != "frozen":
             raise ValueError("data.feature_cache needs model.trainable.vision: frozen")
-        features = prepare_feature_cache(d["feature_cache"], samples, encoder, vision, layer, log=log)
-    dataset = ConversationDataset(samples, encoder, d["skip_bad_records"], features=features,
-                                  source=str(source["path"]))
+        dataset.features = prepare_feature_cache(d["feature_cache"], dataset.images(), encoder, vision, layer,
+                                                 log=log)
     log(f"data: {len(dataset)} conversations from {source['path']}" + (f"; {dataset.skip_report()}"
                                                                        if dataset.skip_report() else ""))
 

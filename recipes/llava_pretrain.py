@@ -16,15 +16,18 @@ Writes to `training.output_dir`: `connector.safetensors`, the processor, `mmpeft
 `checkpoint-{step}/` (the same files plus the resumable engine state), `metrics.json`, `metrics.jsonl`, `training.png`.
 """
 
+import glob
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from mmpeft.data.conversation import ConversationEncoder, read_caption_jsonl, read_caption_shards, read_llava_json
-from mmpeft.data.dataset import ConversationDataset, collate_conversations
+from mmpeft.data.conversation import ConversationEncoder
+from mmpeft.data.dataset import collate_conversations, conversation_dataset
 from mmpeft.data.feature_cache import prepare_feature_cache
+from mmpeft.data.prepared import files_fingerprint
+from mmpeft.data.readers import iter_llava_json, read_caption_jsonl, read_caption_shards
 from mmpeft.data.templates import chat_template
 from mmpeft.eval.answers import read_questions
 from mmpeft.hub import push
@@ -85,18 +88,18 @@ def main(argv=None):
     source = d["train"]
     readers = {"caption_shards": lambda: read_caption_shards(source["path"]),
                "caption_jsonl": lambda: read_caption_jsonl(source["path"], source["image_folder"]),
-               "llava_json": lambda: read_llava_json(source["path"], source["image_folder"])}  # e.g. LLaVA's 558K
+               "llava_json": lambda: iter_llava_json(source["path"], source["image_folder"])}  # e.g. LLaVA's 558K
     if source["format"] not in readers:
         raise ValueError(f"data.train.format must be one of {', '.join(readers)}, not {source['format']!r}")
-    samples = readers[source["format"]]()
-    features = None
+    files = sorted(glob.glob(source["path"])) if source["format"] == "caption_shards" else [source["path"]]
+    dataset = conversation_dataset(readers[source["format"]], {"files": files_fingerprint(files),
+                                                               "images": source.get("image_folder")},
+                                   encoder, d["prepared"], d["skip_bad_records"], str(source["path"]), log=log)
     if d["feature_cache"]:  # the frozen tower's output, encoded once for every epoch and later runs
         if m["trainable"]["vision"] != "frozen":
             raise ValueError("data.feature_cache needs model.trainable.vision: frozen")
-        features = prepare_feature_cache(d["feature_cache"], samples, encoder, vision, m["vision_feature_layer"],
-                                         log=log)
-    dataset = ConversationDataset(samples, encoder, d["skip_bad_records"], features=features,
-                                  source=str(source["path"]))
+        dataset.features = prepare_feature_cache(d["feature_cache"], dataset.images(), encoder, vision,
+                                                 m["vision_feature_layer"], log=log)
     log(f"data: {len(dataset)} samples from {source['path']}" + (f"; {dataset.skip_report()}"
                                                                  if dataset.skip_report() else ""))
 

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from mmpeft.data.conversation import ConversationEncoder, read_caption_jsonl, read_caption_shards
+from mmpeft.data.conversation import ConversationEncoder
 from mmpeft.data.diffusion_targets import CaptionTargets, LatentTargets, prepare_targets, sd_resolution
+from mmpeft.data.readers import read_caption_jsonl, read_caption_shards
 from mmpeft.data.stories import VokenDataset, VokenSample, caption_voken_sample, check_caption_fit, collate_vokens
 from mmpeft.data.templates import chat_template
 from mmpeft.hub import push

@@ -2,68 +2,68 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from mmpeft.data.conversation import BadRecord, ConversationEncoder, Sample
 from mmpeft.data.feature_cache import VisionFeatureCache, image_digest
+from mmpeft.data.prepared import (
+    PreparedConversations,
+    expand,
+    prepare_block,
+    prepare_conversations,
+    prepared_folder,
+)
 
 
 class ConversationDataset(Dataset):
-    """Encodes every sample's text and checks every image up front, so a bad record stops
-    the run before any compute is spent (or, with `skip_bad_records`, is left out and
-    counted by reason in `skipped`). A conversation that opens with an assistant turn loses
-    that turn, as LLaVA's preprocessing drops it, counted in `dropped_turns`. Images are
-    decoded when a batch needs them, or, given a built `VisionFeatureCache`, their features
-    are read from it (`image_features`)."""
+    """Samples held in memory, encoded and checked in full before training starts, so a bad
+    record stops the run before any compute is spent (or, with `skip_bad_records`, is left
+    out and counted by reason in `skipped`). A conversation that opens with an assistant
+    turn loses that turn, as LLaVA's preprocessing drops it, counted in `dropped_turns`.
+    Images are decoded when a batch needs them, or, given a built `VisionFeatureCache`,
+    their features are read from it (`image_features`). Sets too large to hold in memory
+    go through `mmpeft.data.prepared` instead, which gives the same items."""
 
     def __init__(self, samples: list[Sample], encoder: ConversationEncoder, skip_bad_records: bool = False,
                  check_images: bool = True, features: VisionFeatureCache | None = None, source: str | None = None):
         self.encoder, self.features = encoder, features
-        self.items: list[tuple[Sample, dict]] = []
-        self.skipped: Counter = Counter()
-        self.skipped_ids: list[str] = []
-        self.dropped_turns = 0
-        for sample in samples:
-            if len(sample.messages) > 1 and sample.messages[0]["role"] == "assistant":
-                sample = replace(sample, messages=sample.messages[1:])
-                self.dropped_turns += 1
-            try:
-                if sample.problem:
-                    raise BadRecord(sample.id, *sample.problem)
-                encoded = encoder.encode_text(sample)
-                if check_images:
-                    for image in sample.images:
-                        _check_image(image, sample.id)
-            except BadRecord as err:
-                if not skip_bad_records:  # named with its file, `source`
-                    raise BadRecord(err.record_id, err.reason, err.kind, source) from None
-                self.skipped[err.kind] += 1
-                self.skipped_ids.append(err.record_id)
-                continue
-            self.items.append((sample, encoded))
+        prepared = prepare_block(samples, encoder, check_images)
+        if prepared["bad"] and not skip_bad_records:  # named with its file, `source`
+            err = prepared["bad"][0]
+            raise BadRecord(err.record_id, err.reason, err.kind, source)
+        self.items = [(sample, encoded) for sample, encoded, _ in prepared["kept"]]  # encodings kept small
+        self.skipped = Counter(err.kind for err in prepared["bad"])
+        self.skipped_ids = [err.record_id for err in prepared["bad"]]
+        self.dropped_turns = prepared["dropped_turns"]
         if not self.items:
             raise ValueError(f"no usable records (skipped: {dict(self.skipped)})")
-        self.digests = [[image_digest(im) for im in s.images] for s, _ in self.items] if features else None
+        self.digests = [digests for _, _, digests in prepared["kept"]]  # empty when images were not checked
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        sample, encoded = self.items[i]
+        sample, (ids, answer, _) = self.items[i]
+        encoded = expand(ids, answer, self.encoder.image_token_id, self.encoder.image_seq_length)
         if self.features is not None:
-            feats = [self.features.get(d) for d in self.digests[i]]
+            feats = [self.features.get(d) for d in self.digests[i] or [image_digest(im) for im in sample.images]]
             return {**encoded, "image_features": torch.stack(feats) if feats else None, "id": sample.id}
         return {**encoded, "pixel_values": self.encoder.images(sample), "id": sample.id}
 
+    def images(self) -> Iterator[tuple[str | None, object]]:
+        """(SHA-1 or None, image) of every kept conversation's images, in order (for building
+        a feature cache without hashing the images again)."""
+        for (sample, _), digests in zip(self.items, self.digests, strict=True):
+            yield from zip(digests or [None] * len(sample.images), sample.images, strict=True)
+
     @property
     def lengths(self) -> list[int]:
-        return [len(e["input_ids"]) for _, e in self.items]
+        return [n for _, (_, _, n) in self.items]
 
     @property
     def has_image(self) -> list[bool]:
@@ -72,24 +72,40 @@ class ConversationDataset(Dataset):
     def skip_report(self) -> str:
         """One line saying what was skipped and why, and how many leading assistant turns were
         dropped (empty when neither happened)."""
-        parts = []
-        if self.skipped:
-            reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items()))
-            shown = ", ".join(self.skipped_ids[:5]) + (" ..." if len(self.skipped_ids) > 5 else "")
-            parts.append(f"skipped {sum(self.skipped.values())} record(s): {reasons} (ids: {shown})")
-        if self.dropped_turns:
-            parts.append(f"{self.dropped_turns} conversation(s) opened with an assistant turn, dropped as LLaVA does")
-        return "; ".join(parts)
+        return skip_line(self.skipped, self.skipped_ids, self.dropped_turns)
 
 
-def _check_image(image, record_id: str) -> None:
-    if isinstance(image, bytes):
-        return
-    try:
-        with Image.open(Path(image)) as im:
-            im.verify()
-    except (OSError, ValueError) as err:
-        raise BadRecord(record_id, f"cannot read image {image}: {err}", "bad image") from err
+def conversation_dataset(samples: Callable[[], Iterable[Sample]], data: object, encoder: ConversationEncoder,
+                         prepared_root: str | os.PathLike | None, skip_bad_records: bool, source: str,
+                         check_images: bool = True, log=print) -> ConversationDataset | PreparedConversations:
+    """A recipe's training conversations. With `prepared_root`, prepared once by every rank
+    together into a folder under it named by `data` (what the data is: `files_fingerprint`s,
+    a dataset's fingerprint, the image folder) and the encoder's settings, then read lazily;
+    later runs of the same data and settings open it at once (`mmpeft.data.prepared`).
+    Without, read, encoded and held in memory at every start. Either way, a bad record stops
+    the run naming `source` and the record unless `skip_bad_records`, also when the set was
+    prepared by a run that skipped it."""
+    if prepared_root is None:
+        return ConversationDataset(list(samples()), encoder, skip_bad_records, check_images, source=source)
+    folder = prepared_folder(prepared_root, data, encoder, check_images)
+    prepare_conversations(folder, samples, encoder, skip_bad_records, check_images, source=source, log=log)
+    dataset = PreparedConversations(folder, encoder)
+    if dataset.first_bad and not skip_bad_records:
+        raise BadRecord(*dataset.first_bad, source)
+    return dataset
+
+
+def skip_line(skipped: Counter, skipped_ids: list[str], dropped_turns: int) -> str:
+    """What a dataset skipped, by reason, with the first ids, and the leading assistant turns
+    it dropped, in one line (empty when neither happened)."""
+    parts = []
+    if skipped:
+        reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
+        shown = ", ".join(skipped_ids[:5]) + (" ..." if sum(skipped.values()) > 5 else "")
+        parts.append(f"skipped {sum(skipped.values())} record(s): {reasons} (ids: {shown})")
+    if dropped_turns:
+        parts.append(f"{dropped_turns} conversation(s) opened with an assistant turn, dropped as LLaVA does")
+    return "; ".join(parts)
 
 
 def pad_tokens(rows: list[dict], pad_id: int) -> dict:

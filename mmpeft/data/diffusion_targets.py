@@ -2,6 +2,8 @@
 target images and the text encoder's encoding of their captions. Both never change while
 those parts are frozen, so they can be computed once into a `TensorCache` and read back
 every epoch and every run (`cache_root`), or computed when a batch needs them (None).
+A cache is keyed by the frozen model's weights and the dtype it runs in, and built by every
+rank on its own accelerator (`prepare_targets`).
 """
 
 from __future__ import annotations
@@ -13,15 +15,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmpeft.data.cache_job import model_dtype
 from mmpeft.data.conversation import open_image
-from mmpeft.data.feature_cache import TensorCache, image_digest
+from mmpeft.data.feature_cache import SHARD_BYTES, TensorCache, image_digest
 
 
-def _weights_key(*modules, extra: str = "") -> str:
+def _weights_key(*modules, extra: str = "", dtype: torch.dtype | None = None) -> str:
+    """The modules' configs and weights, `extra` and the dtype they run in (None: the first
+    module's parameter dtype), hashed."""
     digest = hashlib.sha256(extra.encode())
+    digest.update(str(dtype or model_dtype(modules[0])).encode())
     for module in modules:
-        digest.update(module.config.to_json_string().encode() if hasattr(module.config, "to_json_string")
-                      else str(dict(module.config)).encode())
+        config = getattr(module, "config", None)  # a module without one is described by its layers
+        digest.update(config.to_json_string().encode() if hasattr(config, "to_json_string")
+                      else str(dict(config) if config is not None else module).encode())
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -45,12 +52,13 @@ def image_to_sd(image: Image.Image, size: int) -> torch.Tensor:
 
 class FrozenOutputs:
     """Outputs of a frozen model for items (images, captions), one row per item, found by
-    `key(item)` in a `TensorCache` when one is given, else computed on each call."""
+    `key(item)` in a `TensorCache` when one is given, else computed on each call. A cache
+    is built with the frozen models in `dtype` (None: as they are)."""
 
-    what, batch_size = "items", 64
+    what, batch_size, shard_bytes = "items", 64, SHARD_BYTES
 
-    def __init__(self, cache: TensorCache | None):
-        self.cache = cache
+    def __init__(self, cache: TensorCache | None, dtype: torch.dtype | None = None):
+        self.cache, self.dtype = cache, dtype
 
     def key(self, item) -> str:
         return image_digest(item)
@@ -58,11 +66,19 @@ class FrozenOutputs:
     def encode(self, items: list) -> torch.Tensor:
         raise NotImplementedError
 
-    def prepare(self, items: list, log=print) -> int:
-        """Encode the items the cache lacks (no-op without a cache); returns how many."""
+    def frozen_models(self) -> list[torch.nn.Module]:
+        """The models `encode` runs (every module attribute), placed for a cache build."""
+        return [v for v in vars(self).values() if isinstance(v, torch.nn.Module)]
+
+    def prepare(self, items: list, log=print, device: torch.device | str | None = None, **job) -> int:
+        """Encode this rank's slice of the items the cache lacks on `device` (None: the rank's
+        accelerator) and wait for the other ranks' (no-op without a cache); returns how many
+        this rank encoded. `job`: further `TensorCache.add` keywords."""
         if self.cache is None:
             return 0
-        return self.cache.add([(self.key(it), it) for it in items], self.encode, self.batch_size, self.what, log)
+        return self.cache.add([(self.key(it), it) for it in items], self.encode, self.batch_size, self.what, log,
+                              models=self.frozen_models(), device=device, dtype=self.dtype,
+                              shard_bytes=self.shard_bytes, **job)
 
     def __call__(self, items: list) -> torch.Tensor:
         if self.cache is None:
@@ -72,14 +88,15 @@ class FrozenOutputs:
 
 class LatentTargets(FrozenOutputs):
     """Scaled VAE latents (posterior mean x `scaling_factor`) of target images, cached
-    under `cache_root` when one is given."""
+    under `cache_root` when one is given, computed in `dtype` (None: the VAE's)."""
 
     what = "target images"
 
-    def __init__(self, vae, size: int, cache_root: str | os.PathLike | None = None):
+    def __init__(self, vae, size: int, cache_root: str | os.PathLike | None = None,
+                 dtype: torch.dtype | None = None):
         self.vae, self.size = vae, size
-        super().__init__(TensorCache(cache_root, "latents-" + _weights_key(vae, extra=str(size)))
-                         if cache_root else None)
+        super().__init__(TensorCache(cache_root, "latents-" + _weights_key(vae, extra=str(size), dtype=dtype))
+                         if cache_root else None, dtype)
 
     @torch.no_grad()
     def encode(self, images: list) -> torch.Tensor:
@@ -91,15 +108,16 @@ class LatentTargets(FrozenOutputs):
 
 class CaptionTargets(FrozenOutputs):
     """The SD text encoder's last hidden state for captions, padded to the tokenizer's
-    length as the Stable Diffusion pipeline encodes prompts; cached when asked."""
+    length as the Stable Diffusion pipeline encodes prompts; cached when asked, computed in
+    `dtype` (None: the text encoder's)."""
 
     what, batch_size = "captions", 256
 
-    def __init__(self, tokenizer, text_encoder, cache_root: str | os.PathLike | None = None):
+    def __init__(self, tokenizer, text_encoder, cache_root: str | os.PathLike | None = None,
+                 dtype: torch.dtype | None = None):
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
-        super().__init__(TensorCache(cache_root, "captions-" + _weights_key(text_encoder,
-                                                                            extra=tokenizer.name_or_path))
-                         if cache_root else None)
+        key = _weights_key(text_encoder, extra=tokenizer.name_or_path, dtype=dtype)
+        super().__init__(TensorCache(cache_root, "captions-" + key) if cache_root else None, dtype)
 
     def key(self, text: str) -> str:
         return hashlib.sha1(text.encode()).hexdigest()
@@ -111,16 +129,12 @@ class CaptionTargets(FrozenOutputs):
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
 
-def prepare_targets(targets: FrozenOutputs, items: list, log=print) -> None:
-    """Fill the targets' cache with `items` on the first rank while the others wait, then
-    let every rank read the finished index."""
-    import torch.distributed as dist
-
+def prepare_targets(targets: FrozenOutputs, items: list, log=print, device: torch.device | str | None = None,
+                    **job) -> None:
+    """Fill the targets' cache with `items`: every rank calls it and encodes its slice of
+    what is missing on `device` (None: its accelerator, `rank_device`), in the targets'
+    dtype, then all read the finished cache (see `TensorCache.add` for the job and `job`)."""
     if targets.cache is None:
         return
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        added = targets.prepare(items, log=log)
-        log(f"cache: {len(targets.cache.index)} entries in {targets.cache.folder}, {added} encoded now")
-    if dist.is_initialized():
-        dist.barrier()
-    targets.cache.reload()
+    added = targets.prepare(items, log=log, device=device, **job)
+    log(f"cache: {targets.cache.describe(targets.what)}; {added} encoded now on this rank")

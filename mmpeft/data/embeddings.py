@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from mmpeft.data.conversation import BadRecord, open_image
 from mmpeft.data.dataset import pad_tokens
+from mmpeft.data.feature_cache import image_digest
 
 VECTORS, TEXTS = "vectors.safetensors", "texts.jsonl"
 
@@ -61,15 +62,16 @@ def clip_image_set(folder: str | Path, pairs: list, clip_model, processor, batch
     """An embedding set of caption pairs (`Sample`s of one image and its caption): each
     distinct image's L2-normalised CLIP image embedding, with its captions. A pair a reader
     found bad (`Sample.problem`) is an error naming it."""
-    rows: dict[bytes | str, int] = {}
+    rows: dict[str, int] = {}
     images, texts = [], []
     for p in pairs:
         if p.problem:
             raise BadRecord(p.id, *p.problem)
-        key = p.images[0] if isinstance(p.images[0], bytes) else str(p.images[0])
+        image = p.images[0]  # a file by its path, bytes or a shard member by content
+        key = str(image) if isinstance(image, str | Path) else image_digest(image)
         if key not in rows:
             rows[key] = len(images)
-            images.append(p.images[0])
+            images.append(image)
         texts.append((p.messages[-1]["content"], rows[key]))
     chunks = []
     for start in range(0, len(images), batch_size):

@@ -18,6 +18,7 @@ task is a recipe setting (`data.prompts`).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch.utils.data import Dataset
 
 from mmpeft.data.conversation import IMAGE_MARKER, BadRecord, Sample
 from mmpeft.data.dataset import ConversationDataset, collate_conversations
-from mmpeft.data.feature_cache import image_digest
+from mmpeft.data.prepared import check_image, compact, expand
 from mmpeft.models.vokens import mask_forced_vokens
 
 TASKS = ("image", "multimodal", "text")
@@ -49,10 +50,12 @@ class VokenSample:
     captions: list[str]
 
 
-def read_vist(path: str | Path, image_folder: str | Path, steps: int = 5) -> dict[str, list[StoryStep]]:
+def read_vist(path: str | Path, image_folder: str | Path, steps: int = 5,
+              skipped: Counter | None = None) -> dict[str, list[StoryStep]]:
     """VIST story-in-sequence JSON: story id -> its steps in `worker_arranged_photo_order`,
-    images `image_folder/<photo_flickr_id>.<jpg|png|jpeg|gif>`. A story without exactly `steps` steps, or
-    with a missing field, is an error naming the file and the story."""
+    images `image_folder/<photo_flickr_id>.<jpg|png|jpeg|gif>`. A story without exactly
+    `steps` steps, or with a missing or malformed field, is an error naming the file and the
+    story; given a `skipped` counter, it is left out and counted there by reason instead."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -60,19 +63,35 @@ def read_vist(path: str | Path, image_folder: str | Path, steps: int = 5) -> dic
         raise ValueError(f"{path}: cannot read VIST stories: {err}") from err
     if "annotations" not in data:
         raise ValueError(f"{path}: no 'annotations' list (VIST story-in-sequence format)")
+
+    def bad(message: str, kind: str) -> None:
+        if skipped is None:
+            raise ValueError(f"{path}: {message}")
+        skipped[kind] += 1
+
     stories: dict[str, list] = {}
     for k, entry in enumerate(data["annotations"]):
         ann = entry[0] if isinstance(entry, list) and entry else entry
         missing = [f for f in ("story_id", "photo_flickr_id", "worker_arranged_photo_order", "text")
                    if not isinstance(ann, dict) or f not in ann]
         if missing:
-            raise ValueError(f"{path}: annotation #{k} lacks {', '.join(missing)}")
+            bad(f"annotation #{k} lacks {', '.join(missing)}", "malformed annotation")
+            if isinstance(ann, dict) and "story_id" in ann:
+                stories.setdefault(str(ann["story_id"]), []).append(None)  # the story is incomplete
+            continue
         stories.setdefault(str(ann["story_id"]), []).append(ann)
     out = {}
     for sid, anns in stories.items():
+        if None in anns:
+            continue  # counted with its annotation
         if len(anns) != steps:
-            raise ValueError(f"{path}: story {sid} has {len(anns)} steps, expected {steps}")
-        anns.sort(key=lambda a: int(a["worker_arranged_photo_order"]))
+            bad(f"story {sid} has {len(anns)} steps, expected {steps}", "wrong step count")
+            continue
+        try:
+            anns.sort(key=lambda a: int(a["worker_arranged_photo_order"]))
+        except (TypeError, ValueError) as err:
+            bad(f"story {sid}: a worker_arranged_photo_order is not a whole number ({err})", "malformed annotation")
+            continue
         out[sid] = [StoryStep(a.get("original_text") or a["text"], _photo(Path(image_folder), a["photo_flickr_id"]))
                     for a in anns]
     return out
@@ -227,24 +246,30 @@ class VokenDataset(Dataset):
         self.conversations = ConversationDataset([s.sample for s in samples], encoder, skip_bad_records,
                                                  features=features)
         self.latents, self.captions, self.voken_ids = latents, captions, voken_ids
-        self.items = []
-        for sample, encoded in self.conversations.items:
+        self.items, kept, seen = [], [], {}
+        image_run = (encoder.image_token_id, encoder.image_seq_length)
+        for (sample, small), digests in zip(self.conversations.items, self.conversations.digests, strict=True):
+            encoded = expand(small[0], small[1], *image_run)
             encoded["labels"] = mask_forced_vokens(encoded["input_ids"], encoded["labels"], voken_ids)
             runs = encoded["input_ids"].count(voken_ids[0])
             complete = encoded["input_ids"].count(voken_ids[-1])
+            target_problem = next((why for im in by_id[sample.id].targets if (why := check_image(im, seen)[1])), None)
+            err = None
             if runs != complete or runs != len(by_id[sample.id].targets):
                 err = BadRecord(sample.id, f"{runs} voken run(s) ({complete} complete) within max_length but "
                                 f"{len(by_id[sample.id].targets)} target image(s)", "vokens cut or unmatched")
+            elif target_problem:
+                err = BadRecord(sample.id, f"target {target_problem}", "bad target image")
+            if err:
                 if not skip_bad_records:
                     raise err
                 self.conversations.skipped[err.kind] += 1
                 self.conversations.skipped_ids.append(sample.id)
                 continue
             self.items.append(by_id[sample.id])
-        keep = {s.sample.id for s in self.items}
-        self.conversations.items = [(s, e) for s, e in self.conversations.items if s.id in keep]
-        if self.conversations.digests is not None:
-            self.conversations.digests = [[image_digest(im) for im in s.images] for s, _ in self.conversations.items]
+            kept.append(((sample, compact(encoded, *image_run)), digests))
+        self.conversations.items = [item for item, _ in kept]
+        self.conversations.digests = [digests for _, digests in kept]
 
     def __len__(self) -> int:
         return len(self.items)

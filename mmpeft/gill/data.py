@@ -13,9 +13,10 @@ from collections import Counter
 import torch
 from torch.utils.data import Dataset
 
-from mmpeft.data.conversation import BadRecord, Sample, caption_sample, open_image
+from mmpeft.data.conversation import BadRecord, Sample, open_image
 from mmpeft.data.diffusion_targets import FrozenOutputs, _weights_key
 from mmpeft.data.feature_cache import TensorCache
+from mmpeft.data.readers import caption_sample
 from mmpeft.data.stories import caption_voken_sample
 from mmpeft.models.vokens import mask_forced_vokens
 

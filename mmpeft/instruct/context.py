@@ -1,9 +1,11 @@
 """What the teacher LLM is shown about each image: its captions and its object boxes.
 
 Boxes become `category: [x1, y1, x2, y2]` with coordinates as fractions of the image
-side, rounded to 3 decimals, as LLaVA's prompts show them. Images that cannot be
-described honestly (no captions, an unknown category, a malformed box) are skipped and
-counted by reason; reading never stops halfway through a file.
+side, rounded to 3 decimals, as LLaVA's prompts show them. An image that cannot be
+described honestly (no captions, an unknown category, a malformed box, a line that is not
+JSON) is a bad record: with `skip_bad_records` it is left out and counted by reason in the
+`ReadReport`; without, the first one stops the reading with a `BadInput` that names the
+file, the record and the reason, before any context is returned.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ class ImageContext:
         return Counter(name for name, _ in self.boxes)
 
 
+class BadInput(ValueError):
+    """An input record that cannot be described; the message names its file and the record."""
+
+    def __init__(self, source, record_id: str, reason: str, kind: str):
+        super().__init__(f"{source}: {record_id}: {reason}")
+        self.record_id, self.reason, self.kind = record_id, reason, kind
+
+
 @dataclass
 class ReadReport:
     """Skipped images by reason (with a few ids each) and other counted adjustments."""
@@ -41,6 +51,13 @@ class ReadReport:
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
     notes: Counter = field(default_factory=Counter)
+
+    def bad(self, kind: str, image_id, skip_bad_records: bool, source, record_id: str, reason: str) -> None:
+        """A bad record: counted under `kind` (shown by `image_id`) with `skip_bad_records`,
+        else a `BadInput` naming `source`, `record_id` and `reason`."""
+        if not skip_bad_records:
+            raise BadInput(source, record_id, reason, kind)
+        self.skip(kind, image_id)
 
     def skip(self, reason: str, image_id) -> None:
         self.skipped[reason] += 1
@@ -79,43 +96,48 @@ def _cap_boxes(boxes: list[tuple[str, list[float]]], max_boxes: int, report: Rea
 
 
 def read_coco_contexts(captions_file: str | Path, instances_file: str | Path | None, max_captions: int = 5,
-                       max_boxes: int = 20, crowd: str = "drop") -> tuple[list[ImageContext], ReadReport]:
+                       max_boxes: int = 20, crowd: str = "drop", *,
+                       skip_bad_records: bool = False) -> tuple[list[ImageContext], ReadReport]:
     """Contexts from raw COCO `captions_*.json` (+ `instances_*.json`), in image-id order.
 
     Captions are taken in annotation-id order, the first `max_captions` when there are
     more. Crowd boxes (one box around a group) are dropped (`crowd="drop"`, counted) or
     kept as `category (group)` (`crowd="keep"`). At most `max_boxes` boxes, the largest.
+    An image without captions, or with an annotation of an unknown category or a malformed
+    box, is a bad record (see the module's docstring for `skip_bad_records`).
     """
     if crowd not in ("drop", "keep"):
         raise ValueError(f"crowd must be 'drop' or 'keep', not {crowd!r}")
     report = ReadReport()
-    caps = json.loads(Path(captions_file).read_text())
+    caps = _read_json(captions_file)
     images = {img["id"]: img for img in caps.get("images", [])}
     captions: dict = {}
     for ann in sorted(caps.get("annotations", []), key=lambda a: a.get("id", 0)):
         if isinstance(ann.get("caption"), str) and ann["caption"].strip():
             captions.setdefault(ann.get("image_id"), []).append(" ".join(ann["caption"].split()))
     boxes: dict = {}
-    bad: dict = {}
+    bad: set = set()
     if instances_file:
-        inst = json.loads(Path(instances_file).read_text())
+        inst = _read_json(instances_file)
         names = {c["id"]: c["name"] for c in inst.get("categories", [])}
         for img in inst.get("images", []):
             images.setdefault(img["id"], img)
         for ann in sorted(inst.get("annotations", []), key=lambda a: a.get("id", 0)):
             image_id = ann.get("image_id")
-            if image_id in bad:
-                continue
-            if ann.get("category_id") not in names:
-                bad[image_id] = f"unknown category id {ann.get('category_id')}"
-                continue
             img = images.get(image_id)
-            if img is None:
+            if image_id in bad or img is None:  # an image no file lists has nothing to describe
+                continue
+            where = f"annotation {ann.get('id', '?')} (image {image_id})"
+            if ann.get("category_id") not in names:
+                report.bad("unknown category", image_id, skip_bad_records, instances_file, where,
+                           f"unknown category id {ann.get('category_id')}")
+                bad.add(image_id)
                 continue
             try:
                 box = normalise_box(ann.get("bbox"), img["width"], img["height"])
-            except ValueError:
-                bad[image_id] = "malformed box"
+            except ValueError as err:
+                report.bad("malformed box", image_id, skip_bad_records, instances_file, where, str(err))
+                bad.add(image_id)
                 continue
             name = names[ann["category_id"]]
             if ann.get("iscrowd"):
@@ -127,10 +149,9 @@ def read_coco_contexts(captions_file: str | Path, instances_file: str | Path | N
     contexts = []
     for image_id in sorted(images):
         if image_id in bad:
-            report.skip(bad[image_id].split(" id ")[0], image_id)
             continue
         if not captions.get(image_id):
-            report.skip("no captions", image_id)
+            report.bad("no captions", image_id, skip_bad_records, captions_file, f"image {image_id}", "no captions")
             continue
         chosen = captions[image_id][:max_captions]
         if len(captions[image_id]) > max_captions:
@@ -140,10 +161,22 @@ def read_coco_contexts(captions_file: str | Path, instances_file: str | Path | N
     return contexts, report
 
 
-def read_jsonl_contexts(path: str | Path, max_captions: int = 5,
-                        max_boxes: int = 20) -> tuple[list[ImageContext], ReadReport]:
+def _read_json(path: str | Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read COCO annotations: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a COCO object with 'images' and 'annotations'")
+    return data
+
+
+def read_jsonl_contexts(path: str | Path, max_captions: int = 5, max_boxes: int = 20, *,
+                        skip_bad_records: bool = False) -> tuple[list[ImageContext], ReadReport]:
     """Contexts from JSONL lines `{"image", "captions": [...], "boxes": [{"category",
-    "bbox": [x1, y1, x2, y2] in [0, 1]}]}`; a bad line is skipped with its reason."""
+    "bbox": [x1, y1, x2, y2] in [0, 1]}]}`. A line that is not a JSON object, or has no
+    image, no captions or a malformed box, is a bad record named by its line (see the
+    module's docstring for `skip_bad_records`)."""
     report = ReadReport()
     contexts = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -152,28 +185,38 @@ def read_jsonl_contexts(path: str | Path, max_captions: int = 5,
         where = f"line {n}"
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            report.skip("not JSON", where)
+        except json.JSONDecodeError as err:
+            report.bad("not JSON", where, skip_bad_records, path, where, f"not JSON ({err})")
+            continue
+        if not isinstance(row, dict):
+            report.bad("not JSON", where, skip_bad_records, path, where, "not a JSON object")
             continue
         if not isinstance(row.get("image"), str):
-            report.skip("no image", where)
+            report.bad("no image", where, skip_bad_records, path, where, "no 'image' path")
             continue
-        caps = [" ".join(c.split()) for c in row.get("captions") or [] if isinstance(c, str) and c.strip()]
+        given = row.get("captions")
+        caps = [" ".join(c.split()) for c in given if isinstance(c, str) and c.strip()] \
+            if isinstance(given, list) else []
         if not caps:
-            report.skip("no captions", where)
+            report.bad("no captions", where, skip_bad_records, path, where, "no captions")
             continue
-        parsed, ok = [], True
-        for b in row.get("boxes") or []:
-            box = b.get("bbox") if isinstance(b, dict) else None
-            if not (isinstance(b, dict) and isinstance(b.get("category"), str) and isinstance(box, list)
-                    and len(box) == 4 and all(isinstance(v, int | float) and 0 <= v <= 1 for v in box)
-                    and box[0] < box[2] and box[1] < box[3]):
-                ok = False
-                break
-            parsed.append((b["category"], [round(float(v), 3) for v in box]))
-        if not ok:
-            report.skip("malformed box", where)
+        boxes = row.get("boxes") or []
+        parsed = [_jsonl_box(b) for b in boxes] if isinstance(boxes, list) else [None]
+        if None in parsed:
+            bad = boxes[parsed.index(None)] if isinstance(boxes, list) else boxes
+            report.bad("malformed box", where, skip_bad_records, path, where,
+                       f"box {bad!r} is not {{category, bbox: [x1, y1, x2, y2] in [0, 1], x1 < x2, y1 < y2}}")
             continue
         contexts.append(ImageContext(str(row.get("id", n)), row["image"], caps[:max_captions],
                                      _cap_boxes(parsed, max_boxes, report)))
     return contexts, report
+
+
+def _jsonl_box(b) -> tuple[str, list[float]] | None:
+    """`(category, box rounded to 3 decimals)` of a JSONL box, None when it is malformed."""
+    box = b.get("bbox") if isinstance(b, dict) else None
+    if not (isinstance(b, dict) and isinstance(b.get("category"), str) and isinstance(box, list)
+            and len(box) == 4 and all(isinstance(v, int | float) and 0 <= v <= 1 for v in box)
+            and box[0] < box[2] and box[1] < box[3]):
+        return None
+    return b["category"], [round(float(v), 3) for v in box]

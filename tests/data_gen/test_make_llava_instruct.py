@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mmpeft.data.conversation import read_llava_json
+from mmpeft.data.readers import read_llava_json
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "data_gen" / "make_llava_instruct.py"

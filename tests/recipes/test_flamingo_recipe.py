@@ -23,7 +23,8 @@ def run(small_world, small_zoo, tmp_path_factory):
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", str(ROOT / "recipes" / "flamingo.py"),
            f"fixture.world_dir={small_world}", f"fixture.zoo_dir={small_zoo[0]}", f"training.output_dir={out}",
            "training.max_steps=4", "training.save_steps=2", "training.micro_batch_size=4", "training.log_steps=1",
-           "eval.limit=6", "threads=1", f"data.feature_cache={out.parent / 'features'}", *SMALL]
+           "eval.limit=6", "threads=1", f"data.feature_cache={out.parent / 'features'}",
+           f"data.prepared={out.parent / 'prepared'}", *SMALL]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -29,7 +29,8 @@ def _command(script, out, world, zoo, *overrides, launcher="python", resume=None
     cmd += (["--resume", str(resume)] if resume else []) + [
         f"fixture.world_dir={world}", f"fixture.zoo_dir={zoo}", f"training.output_dir={out}", "training.max_steps=4",
         "training.save_steps=2", "training.micro_batch_size=4", "training.log_steps=1", "eval.limit=6", "threads=1",
-        f"data.feature_cache={Path(out).parent / 'features'}", *overrides]
+        f"data.feature_cache={Path(out).parent / 'features'}", f"data.prepared={Path(out).parent / 'prepared'}",
+        *overrides]
     return cmd, {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -54,8 +55,9 @@ def stage1(small_world, small_zoo, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage2(stage1, small_world, small_zoo):
     out = stage1[0].parent / "stage2"
+    # stage 1 reads cached features; stage 2 runs the tower on images decoded in two loader processes
     stdout = _run("llava_finetune.py", out, small_world, small_zoo[0], f"model.init_connector={stage1[0]}",
-                  "data.feature_cache=null")  # stage 1 reads cached features, stage 2 runs the tower
+                  "data.feature_cache=null", "training.num_workers=2")
     return out, stdout
 
 
@@ -283,8 +285,9 @@ def test_stage2_from_a_released_llava_starts_from_its_weights_and_reloads(releas
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     import mmpeft
-    from mmpeft.data.conversation import ConversationEncoder, read_llava_json
+    from mmpeft.data.conversation import ConversationEncoder
     from mmpeft.data.dataset import ConversationDataset, collate_conversations
+    from mmpeft.data.readers import read_llava_json
     from mmpeft.data.templates import chat_template
 
     train = _first_records(small_world, released.parent)

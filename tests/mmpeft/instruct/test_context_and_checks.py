@@ -25,7 +25,7 @@ def test_coco_boxes_captions_crowds_and_skips(tmp_path):
     ]
     caps = [{"id": 10 + k, "image_id": 1, "caption": f"caption  {k}"} for k in (6, 5, 4, 3, 2, 1, 0)]
     caps += [{"id": 30, "image_id": 2, "caption": "a"}, {"id": 40, "image_id": 3, "caption": "b"}]
-    contexts, report = read_coco_contexts(*_coco(tmp_path, anns, caps))
+    contexts, report = read_coco_contexts(*_coco(tmp_path, anns, caps), skip_bad_records=True)
     (ctx,) = contexts
     assert ctx.image == "1.jpg" and ctx.captions == ["caption 0", "caption 1", "caption 2", "caption 3", "caption 4"]
     assert ctx.boxes == [("dog", [0.1, 0.1, 0.35, 0.5])]
@@ -33,14 +33,14 @@ def test_coco_boxes_captions_crowds_and_skips(tmp_path):
     assert report.notes["crowd box dropped"] == 1
     assert "dog: [0.100, 0.100, 0.350, 0.500]" in ctx.render(with_boxes=True)
     assert "dog" not in ctx.render(with_boxes=False)
-    kept, _ = read_coco_contexts(*_coco(tmp_path, anns[:2], caps[:7]), crowd="keep")
+    kept, _ = read_coco_contexts(*_coco(tmp_path, anns[:2], caps[:7]), crowd="keep", skip_bad_records=True)
     assert kept[0].boxes[1] == ("person (group)", [0.0, 0.0, 1.0, 1.0])
 
 
 def test_box_cap_keeps_the_largest_in_order(tmp_path):
     anns = [{"id": k, "image_id": 1, "category_id": 1, "bbox": [k, 0, 10 + k, 10 + k], "iscrowd": 0} for k in range(5)]
     contexts, report = read_coco_contexts(*_coco(tmp_path, anns, [{"id": 1, "image_id": 1, "caption": "x"}]),
-                                          max_boxes=2)
+                                          max_boxes=2, skip_bad_records=True)
     assert [b[1][0] for b in contexts[0].boxes] == [0.015, 0.02]
     assert list(report.notes) == ["more than 2 boxes, the largest 2 kept"]
 
@@ -61,7 +61,7 @@ def test_jsonl_input_counts_bad_lines(tmp_path):
         json.dumps({"image": "c.jpg", "captions": ["x"], "boxes": [{"category": "dog", "bbox": [0.5, 0.2, 0.3, 0.4]}]}),
         "{not json",
     ]) + "\n")
-    contexts, report = read_jsonl_contexts(path)
+    contexts, report = read_jsonl_contexts(path, skip_bad_records=True)
     assert [c.image for c in contexts] == ["a.jpg"] and contexts[0].boxes == [("dog", [0.1, 0.2, 0.3, 0.4])]
     assert report.skipped == Counter({"no captions": 1, "malformed box": 1, "not JSON": 1})
 
