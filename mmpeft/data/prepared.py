@@ -228,11 +228,13 @@ def prepare_conversations(folder: Path, samples: Callable[[], Iterable[Sample]],
                           source: str | None = None, log=print) -> Path:
     """Prepare the conversations `samples()` yields into `folder` (see the module's
     docstring) unless a complete set is there. Every rank calls it: each takes its share of
-    the blocks, then all wait for each other (`exchange`: the process group's gather, every
-    rank through it). Without `skip_bad_records`, the first bad record (in record order,
-    over every rank) is raised as a `BadRecord` naming `source`, on every rank, and nothing
-    is marked complete; with it, bad records are left out and counted by reason. `rank` and
-    `world` default to the process group's (0 of 1 without one)."""
+    the blocks, then all meet in one gather of the process group (its timeout, 30 minutes
+    under DeepSpeed, bounds how far one rank's share may outlast another's; at a few
+    thousand records a second a rank, shares are minutes). Without `skip_bad_records`, the
+    first bad record (in record order, over every rank) is raised as a `BadRecord` naming
+    `source`, on every rank, and nothing is marked complete; with it, bad records are left
+    out and counted by reason. `rank` and `world` default to the process group's (0 of 1
+    without one)."""
     import torch.distributed as dist
 
     if rank is None or world is None:
@@ -243,7 +245,9 @@ def prepare_conversations(folder: Path, samples: Callable[[], Iterable[Sample]],
     started, mine, first_bad, total = time.perf_counter(), 0, None, 0
     for n, block in _blocks(samples()):
         total = n + 1
-        if n % world != rank or first_bad is not None:
+        if first_bad is not None:
+            break  # the run stops; the other ranks learn why at the exchange below
+        if n % world != rank:
             continue
         out = folder / f"block-{n:05d}"
         if not (out / "report.json").exists():

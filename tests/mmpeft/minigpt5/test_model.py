@@ -1,9 +1,12 @@
 """MiniGPT-5's parts: voken positions and labels, the mapper, CFG dropout, and
 that a saved model loads back with the same outputs."""
 
+import io
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from mmpeft.data.conversation import ConversationEncoder
 from mmpeft.data.stories import VokenDataset, caption_voken_sample, collate_vokens
@@ -55,7 +58,9 @@ def test_an_incomplete_voken_run_is_an_error():
 
 def test_img0_and_the_end_of_turn_are_labels_the_forced_vokens_are_not(built):
     _, _, voken_ids, tokenizer, _, encoder, _, _ = built
-    sample = caption_voken_sample("s", b"", "a red circle", "Draw: {caption}")
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(png, format="PNG")  # the target image is checked up front
+    sample = caption_voken_sample("s", png.getvalue(), "a red circle", "Draw: {caption}")
     item = VokenDataset([sample], encoder, voken_ids, lambda images: torch.zeros(len(images), 4, 8, 8))[0]
     ids, labels = item["input_ids"], item["labels"]
     start = ids.index(voken_ids[0])
