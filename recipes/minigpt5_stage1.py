@@ -135,9 +135,9 @@ def main(argv=None):
     samples = read_pairs(d["train"], d["prompt"], m["n_vokens"])
     latents = LatentTargets(pipeline.vae, sd_resolution(pipeline), d["target_cache"])
     captions = CaptionTargets(pipeline.tokenizer, pipeline.text_encoder, d["target_cache"])
-    prepare_targets(latents, [s.targets[0] for s in samples if s.targets], log=log)  # a bad record has none
-    prepare_targets(captions, [s.captions[0] for s in samples if s.captions], log=log)
     dataset = VokenDataset(samples, encoder, voken_ids, latents, captions, d["skip_bad_records"])
+    prepare_targets(latents, [s.targets[0] for s in dataset.items], log=log)  # the records kept, images checked
+    prepare_targets(captions, [s.captions[0] for s in dataset.items], log=log)
     log(f"data: {len(dataset)} caption pairs from {d['train']['path']}; "
         + (dataset.skip_report() or "no record skipped"))
 

@@ -28,6 +28,7 @@ with the generated text and image next to the true one).
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -150,16 +151,17 @@ def main(argv=None):
     shapes = check_story_fit(encoder, voken_ids, d["prompts"], d["tasks"], d["history"])  # before any data is read
     largest = max(shapes, key=lambda s: s.tokens)
     log(f"data.max_length {d['max_length']} holds the largest sample before its sentences: {largest.describe()}")
-    stories = read_vist(d["train"]["path"], d["train"]["image_folder"])
+    bad_stories = Counter() if d["skip_bad_records"] else None  # counted there, or an error naming the story
+    stories = read_vist(d["train"]["path"], d["train"]["image_folder"], skipped=bad_stories)
     samples = [s for sid, steps in stories.items()
                for s in story_samples(sid, steps, d["prompts"], d["tasks"], d["history"], m["n_vokens"])]
     latents = LatentTargets(pipeline.vae, sd_resolution(pipeline), d["target_cache"])
-    prepare_targets(latents, [im for s in samples for im in s.targets], log=log)
-    features = None
+    dataset = VokenDataset(samples, encoder, voken_ids, latents, None, d["skip_bad_records"])
+    dataset.skipped.update({f"story: {kind}": n for kind, n in (bad_stories or {}).items()})
+    prepare_targets(latents, [im for s in dataset.items for im in s.targets], log=log)  # kept records, checked
     if d["feature_cache"]:  # the frozen tower's features of the context images, computed once
-        features = prepare_feature_cache(d["feature_cache"], [s.sample for s in samples], encoder, vision,
-                                         m["vision_feature_layer"], log=log)
-    dataset = VokenDataset(samples, encoder, voken_ids, latents, None, d["skip_bad_records"], features=features)
+        dataset.conversations.features = prepare_feature_cache(d["feature_cache"], dataset.conversations.images(),
+                                                               encoder, vision, m["vision_feature_layer"], log=log)
     log(f"data: {len(dataset)} samples ({', '.join(d['tasks'])}) from {len(stories)} stories in "
         f"{d['train']['path']}; " + (dataset.skip_report() or "no record skipped"))
 
