@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from mmpeft.train.collectives import all_reduce
 from mmpeft.train.modes import enable_gradient_checkpointing, parts_in_eval, train_mode
-from mmpeft.train.placement import match_partitioned_dtype
+from mmpeft.train.placement import match_partitioned_dtype, rank_device
 from mmpeft.train.reporting import (
     RunReport,
     Throughput,
@@ -98,7 +98,19 @@ def setup_distributed() -> tuple[int, int]:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port))
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    use_rank_device()
     return dist.get_rank(), dist.get_world_size()
+
+
+def use_rank_device(cuda=torch.cuda) -> torch.device:
+    """Make this rank's GPU (`rank_device`) the current CUDA device, and return it (the CPU
+    without CUDA). NCCL's object collectives and barriers run on the current device: left
+    at cuda:0, every rank of a machine would gather on one GPU before the engine starts (the
+    data preparation and cache builds do)."""
+    device = rank_device(cuda=cuda.is_available())
+    if device.type == "cuda":
+        cuda.set_device(device)
+    return device
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:

@@ -77,3 +77,26 @@ def test_zero3_loads_each_rank_s_shard_of_the_lm_and_adds_tokens_across_ranks(tw
         assert r["rows"] == r["vocab"]  # the embedding grew by the image token, across the shards
         assert r["row"] == pytest.approx(r["mean"], abs=1e-6)  # its row started at the mean of the trained ones
     assert results[0]["row"] == results[1]["row"]
+
+
+class _FakeCuda:
+    """torch.cuda as a machine with GPUs would answer, recording set_device."""
+
+    def __init__(self, available: bool):
+        self.available, self.current = available, None
+
+    def is_available(self) -> bool:
+        return self.available
+
+    def set_device(self, device) -> None:
+        self.current = device
+
+
+def test_each_rank_makes_its_own_gpu_current_before_any_collective(monkeypatch):
+    from mmpeft.train.loop import use_rank_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    gpu = _FakeCuda(True)
+    assert use_rank_device(gpu) == torch.device("cuda", 3) and gpu.current == torch.device("cuda", 3)
+    cpu = _FakeCuda(False)
+    assert use_rank_device(cpu) == torch.device("cpu") and cpu.current is None
