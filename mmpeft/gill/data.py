@@ -18,7 +18,6 @@ from mmpeft.data.diffusion_targets import FrozenOutputs, _weights_key
 from mmpeft.data.feature_cache import TensorCache
 from mmpeft.data.readers import caption_sample
 from mmpeft.data.stories import caption_voken_sample
-from mmpeft.models.vokens import mask_forced_vokens
 
 
 class ClipEmbeddings(FrozenOutputs):
@@ -37,6 +36,16 @@ class ClipEmbeddings(FrozenOutputs):
         pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"]
         weight = next(self.vision.parameters())
         return self.vision(pixel_values=pixels.to(weight.device, weight.dtype)).pooler_output
+
+
+def image_pass_labels(input_ids: list[int], labels: list[int], voken_ids: list[int]) -> list[int]:
+    """`labels` of an image pass with every position after `[IMG0]` set to -100: GILL's code
+    cuts the labels at `[IMG1]` (`label[k:] = -100`), so the LM learns when an image comes and
+    nothing after. A chat template's end-of-turn token after `[IMG7]` would otherwise be a
+    label read from the `[IMG]` rows: the frozen LM never saw them, and that loss's gradient
+    outweighs the retrieval and generation losses' on the rows the heads read."""
+    first = input_ids.index(voken_ids[0]) if voken_ids[0] in input_ids else len(input_ids)
+    return labels[:first + 1] + [-100] * (len(labels) - first - 1)
 
 
 class GillDataset(Dataset):
@@ -62,7 +71,7 @@ class GillDataset(Dataset):
                     raise
                 self.skipped[err.kind] += 1
                 continue
-            img["labels"] = mask_forced_vokens(img["input_ids"], img["labels"], voken_ids)
+            img["labels"] = image_pass_labels(img["input_ids"], img["labels"], voken_ids)
             self.items.append((image, caption, cap, img))
         if not self.items:
             raise ValueError(f"no usable caption pairs (skipped: {dict(self.skipped)})")

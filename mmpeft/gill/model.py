@@ -6,7 +6,7 @@ and writes them as `[IMG0]`..`[IMG7]`, whose hidden states feed a retrieval head
 Each training example takes two passes through the LM:
 
     captioning   image tokens -> caption                       LM loss
-    image        caption -> [IMG0]..[IMG7]                     LM loss on [IMG0] (see vokens.py),
+    image        caption -> [IMG0]..[IMG7]                     LM loss on [IMG0] only (data.py),
                                                                InfoNCE of the state at [IMG0],
                                                                L2 of the mapped [IMG] states to the
                                                                SD text encoder's caption encoding

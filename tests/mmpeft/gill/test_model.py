@@ -1,6 +1,6 @@
-"""GILL's parts: the positions each head reads, the symmetric contrastive loss, its
-gathering across ranks, trainable rows, caption concatenation, the decision prompts file,
-eval mode for the frozen LM, and the retrieval index on disk."""
+"""GILL's parts: the positions each head reads, the image pass's labels, the symmetric
+contrastive loss, its gathering across ranks, trainable rows, caption concatenation, the
+decision prompts file, eval mode for the frozen LM, and the retrieval index on disk."""
 
 import math
 from pathlib import Path
@@ -10,8 +10,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPModel, CLIPProcessor
 
+from mmpeft.data.conversation import ConversationEncoder
+from mmpeft.data.readers import read_caption_shards
+from mmpeft.data.templates import chat_template
 from mmpeft.gill.checkpoint import build_gill
-from mmpeft.gill.data import ClipEmbeddings, collate_gill, concat_captions
+from mmpeft.gill.data import ClipEmbeddings, GillDataset, collate_gill, concat_captions, image_pass_labels
 from mmpeft.gill.decision import read_decision_prompts
 from mmpeft.gill.model import RetrievalHead, contrastive_loss, generation_loss
 from mmpeft.gill.retrieval_index import RetrievalIndex, images_in
@@ -43,6 +46,33 @@ def test_retrieval_reads_the_state_at_img0_and_the_mapper_states_plus_embeddings
     hidden, embeds = out.hidden_states[-1][0], model.lm.get_input_embeddings()(ids)[0]
     assert torch.allclose(at0[0], hidden[3], atol=1e-5)  # [IMG0] sits at position 3
     assert torch.allclose(mapper_in[0], hidden[3:11] + embeds[3:11], atol=1e-5)
+
+
+def test_the_image_pass_labels_stop_at_img0():
+    assert image_pass_labels([1, 2, 30, 31, 32, 9], [-100, 2, 30, -100, -100, 9], [30, 31, 32]) == [
+        -100, 2, 30, -100, -100, -100]
+
+
+def test_the_image_pass_lm_loss_leaves_the_img_input_rows_to_the_heads(gill, small_world):
+    # GILL's labels end at [IMG0]; a chat template's end-of-turn token after [IMG7] was a label read
+    # from the [IMG] input rows, whose gradient outweighed the retrieval and generation losses' there
+    import copy
+
+    model, tokenizer = gill
+    encoder = ConversationEncoder(tokenizer, None, chat_template(tokenizer, "tokenizer"), "<image>", 4, 96)
+    pairs = read_caption_shards(f"{small_world}/wds/train/*.tar")[:2]
+    item = GillDataset(pairs, encoder, model.voken_ids, "{caption}", None, None).items[0][3]
+    ids, labels = item["input_ids"], item["labels"]
+    img0 = ids.index(model.voken_ids[0])
+    assert len(ids) > img0 + 8  # the template ends the turn after [IMG7]
+    assert [k for k, lab in enumerate(labels) if lab != -100] == [img0]
+    lm = copy.deepcopy(model.lm)
+    rows = {n: model.voken_ids for n in trainable_token_targets(lm).values()}
+    lm = apply_trainability(lm, {"llm": lm.base_model}, {"llm": "frozen"}, LoraSettings(), token_rows=rows)
+    lm(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.backward()
+    grads = {n.split(".")[-3]: p.grad for n, p in lm.named_parameters() if p.requires_grad}
+    assert grads["embed_tokens"] is None or not grads["embed_tokens"].any()
+    assert grads["lm_head"].any()  # the [IMG] output rows still learn when an image comes
 
 
 def test_image_tokens_take_the_mapped_clip_embedding(gill):
