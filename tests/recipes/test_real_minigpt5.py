@@ -283,8 +283,10 @@ def test_stage1_on_sd21_at_768_px_regresses_the_velocity(run_shipped_config, sta
     assert "data: 16 caption pairs" in stdout and "no record skipped" in stdout
     settings = json.loads((out / "mmpeft_config.json").read_text())
     assert settings["prediction_type"] == "v_prediction" and settings["mapper"] == MAPPER  # same widths as 2.1-base
-    cache = next(line for line in stdout.splitlines() if " target images encoded into " in line).rsplit(" ", 1)[1]
-    latents = load_file(Path(cache) / "shard-00000.safetensors")["features"]
+    line = next(line for line in stdout.splitlines() if " target images to encode in " in line)
+    shards = sorted(Path(line.removeprefix("cache ").split(": ", 1)[0]).glob("shard-*.safetensors"))
+    assert len(shards) == 1  # 16 latents make one shard
+    latents = load_file(shards[0])["features"]
     assert latents.shape == (16, 4, 96, 96) and latents.dtype == torch.bfloat16  # 768 px through the bf16 VAE
     history = _history(out)
     assert len(history) == 2 and all(abs(h["text_loss"] - UNIFORM_LOSS) < 0.5 for h in history)
