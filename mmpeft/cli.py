@@ -4,7 +4,9 @@
     mmpeft zoo        build the world and the tiny model zoo, print the zoo's figures
     mmpeft pipeline   everything on the built-in default (world, zoo, data_gen, LLaVA stages 1
                       and 2, MiniGPT-5 stages 1 and 2, GILL), printing each part's figures and
-                      writing them to OUTPUT/figures.json and OUTPUT/figures.md
+                      writing them to OUTPUT/figures.json and OUTPUT/figures.md;
+                      --recipe-seeds 0 1 2 runs each recipe once per seed and gives every
+                      figure's mean, each seed's value and the spread
     mmpeft connectors LLaVA stages 1 and 2 with the qformer, perceiver_resampler and MiniGPT-4
                       connectors, and Flamingo's fusion, beside the mlp2x_gelu baseline
     mmpeft push OUTPUT_DIR --repo-id user/name [--private] [--revision R] [--dry-run]
@@ -163,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--workers", type=int, default=2, help="processes that train zoo parts side by side")
         sub.add_argument("--output", default="outputs", help="folder for the recipes' runs (pipeline, connectors)")
+        if name == "pipeline":
+            sub.add_argument("--recipe-seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                             help="run every recipe once per seed (training.seed) into OUTPUT/seedN/; the table "
+                                  "gives each figure's mean, every seed's value and the spread")
     sub = commands.add_parser("push", help="push a run or checkpoint folder to the Hugging Face Hub")
     sub.add_argument("folder")
     sub.add_argument("--repo-id", required=True, help="user/name or org/name")
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tiny world: {world}\ntiny zoo:   {zoo}")
     print_table(ZOO_TITLE, zoo_figures(records))
     if args.command in ("pipeline", "connectors"):
-        run(args.command, Path(args.output), cache, records, start)
+        run(args.command, Path(args.output), cache, records, start, getattr(args, "recipe_seeds", [0]))
     print(f"\ndone in {time.time() - start:.0f} s")
     return 0
 

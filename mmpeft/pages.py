@@ -44,7 +44,8 @@ def write_story_page(path: str | Path, rows: list[dict], title: str) -> Path:
 
 def write_run_report(out: str | Path, tables: dict[str, list[tuple]], note: str = "") -> Path:
     """`report.html` in `out`: each figures table (rows of part, figure, value, reference)
-    and, for every run folder in `out` (one holding `metrics.json`), its `training.png`,
+    and, for every run folder in `out` or in its `seed*/` folders (one holding
+    `metrics.json`, as `mmpeft pipeline --recipe-seeds` lays them out), its `training.png`,
     links to its sample page, `metrics.json` and `metrics.jsonl`, and the TensorBoard
     command when it logged there. Links are relative, so the folder can be moved or served."""
     out = Path(out)
@@ -59,11 +60,11 @@ def write_run_report(out: str | Path, tables: dict[str, list[tuple]], note: str 
             parts.append(f"<tr><td>{esc(str(part))}</td><td>{esc(figure)}</td><td class=v>{shown}</td>"
                          f"<td>{esc(str(reference))}</td></tr>")
         parts.append("</table>")
-    runs = sorted(p.parent for p in out.glob("*/metrics.json"))
+    runs = sorted(p.parent for pattern in ("*/metrics.json", "seed*/*/metrics.json") for p in out.glob(pattern))
     if runs:
         parts.append("<h2>Runs</h2>")
     for run in runs:
-        name = run.name
+        name = run.relative_to(out).as_posix()
         links = [f"<a href='{esc(name)}/{f}'>{f}</a>" for f in ("metrics.json", "metrics.jsonl", "samples/index.html")
                  if (run / f).is_file()]
         if (run / "runs").is_dir():

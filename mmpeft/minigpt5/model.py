@@ -3,6 +3,7 @@
 diffusion loss through the frozen UNet.
 
     loss = w_text * LM loss + w_image * latent diffusion loss (Min-SNR) + w_caption * caption MSE
+           + w_decision * LM loss at the voken decisions
 
 The diffusion loss regresses what the UNet predicts (its scheduler's `prediction_type`:
 the noise for SD 2.1-base, the velocity for SD 2.1 at 768 px).
@@ -12,6 +13,13 @@ features towards the SD text encoder's encoding of the caption. `cfg_dropout` re
 voken states of a fraction of occurrences by zeros (and their caption target by the empty
 prompt's encoding), so `mapper(zeros)` learns to be the unconditional embedding that
 classifier-free guidance pushes away from.
+
+The decision term (not in MiniGPT-5, whose weight is 0) is the LM loss at the tokens where
+an answer decides not to draw (`voken_decisions`): the first token of an answer that starts
+with text, and the token that ends an answer with no image. With a text weight of 0.01 a
+small LM learns `[IMG0]` from the image loss alone and starts text answers with it
+(docs/findings.md). The term reads no state that conditions an image: `[IMG0]` itself is
+left to the text loss, since the state that predicts it is `[IMG0]`'s voken feature.
 """
 
 from __future__ import annotations
@@ -144,11 +152,37 @@ def latent_diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, conditio
 
 @dataclass
 class LossWeights:
-    """MiniGPT-5's weights: 0.01 text + 1 image + 0.1 caption."""
+    """MiniGPT-5's weights: 0.01 text + 1 image + 0.1 caption, and no decision term."""
 
     text: float = 0.01
     image: float = 1.0
     caption: float = 0.1
+    decision: float = 0.0
+
+
+def voken_decisions(input_ids: torch.Tensor, labels: torch.Tensor, voken_ids: list[int]) -> torch.Tensor:
+    """Boolean `(batch, length)` mask of the labels at which an answer decides not to draw:
+    each answer's first token when it is text, and the token that ends an answer's text
+    when no `[IMG0]` follows (the end of turn of a text answer). An answer is a run of
+    labels other than -100; `labels` hold the forced vokens `[IMG1]`.. as -100
+    (`mask_forced_vokens`), so the end of turn after a voken run starts a run of its own and
+    is left out, as are `[IMG0]` and every other token."""
+    answer = labels != -100
+    before = F.pad(answer, (1, 0))[:, :-1]  # the previous position is labelled
+    after = F.pad(answer, (0, 1))[:, 1:]
+    after_run = torch.isin(F.pad(input_ids, (1, 0))[:, :-1], torch.tensor(voken_ids, device=input_ids.device))
+    return answer & ~after_run & (~before | ~after) & (labels != voken_ids[0])
+
+
+def decision_loss(logits: torch.Tensor, labels: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the labels at `decisions` (`voken_decisions`), each predicted by
+    the logits one position before it; zero (with a gradient path) when there is none."""
+    decisions = decisions.clone()
+    decisions[:, 0] = False  # a label at position 0 has no prediction
+    rows, cols = decisions.nonzero(as_tuple=True)
+    if len(rows) == 0:
+        return 0.0 * logits.sum()
+    return F.cross_entropy(logits[rows, cols - 1].float(), labels[rows, cols])
 
 
 class MiniGPT5(nn.Module):
@@ -179,6 +213,9 @@ class MiniGPT5(nn.Module):
                 **batch) -> dict[str, torch.Tensor]:
         states, out = self.voken_states(batch)
         parts = {"text_loss": out.loss}
+        if self.weights.decision:
+            decisions = voken_decisions(batch["input_ids"], batch["labels"], self.voken_ids)
+            parts["decision_loss"] = decision_loss(out.logits, batch["labels"], decisions)
         targets = 0 if target_latents is None else len(target_latents)
         if targets != len(states):
             raise ValueError(f"batch has {len(states)} voken run(s) but {targets} target image(s)")
@@ -196,6 +233,8 @@ class MiniGPT5(nn.Module):
         loss = w.text * parts["text_loss"] + w.image * parts["image_loss"]
         if "caption_loss" in parts:
             loss = loss + w.caption * parts["caption_loss"]
+        if "decision_loss" in parts:
+            loss = loss + w.decision * parts["decision_loss"]
         return {"loss": loss, **parts}
 
     @property

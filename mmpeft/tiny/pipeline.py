@@ -15,6 +15,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from mmpeft.families import FigureRow, family_of
@@ -94,9 +95,12 @@ RECIPES = [  # (recipe, output folder, extra overrides), in the order they build
 ]
 
 
-def run_recipes(out: Path, cache: Path) -> list[FigureRow]:
+def run_recipes(out: Path, cache: Path, seeds: Sequence[int] = (0,)) -> list[FigureRow]:
     """Run data_gen and each recipe on the tiny preset as a user would; returns their
-    figures (each family says which of its metrics are shown)."""
+    figures (each family says which of its metrics are shown). With more than one seed in
+    `seeds`, every recipe runs once for each (`training.seed`, into `out/seed{s}/`) and each
+    figure is their mean with every seed's value and the spread (`spread_rows`); each seed's
+    rows also go to `out/figures_by_seed.json`."""
     rows = []
     data = out / "data_gen" / "llava_instruct.json"
     _run("mmpeft.data_gen.make_llava_instruct", ["--output", str(data), "--no-progress"],
@@ -105,10 +109,40 @@ def run_recipes(out: Path, cache: Path) -> list[FigureRow]:
     rows.append(("data_gen", f"LLaVA records written of {s['jobs']} asked (SmolLM2-135M teacher)", s["records"],
                  f"rejected replies {sum(s['rejected'].values())}, {s['tokens'] / max(s['seconds'], 1e-9):.1f} "
                  "tokens/s"))
-    for recipe, name, extra in RECIPES:
-        _run(f"mmpeft.recipes.{recipe}", [f"training.output_dir={out / name}", f"fixture.cache={cache}",
-                                          *[e.format(out=out) for e in extra]])
-        rows += family_of(recipe).figures[recipe](name, json.loads((out / name / "metrics.json").read_text()))
+    by_seed = {}
+    for seed in seeds:
+        runs = out if len(seeds) == 1 else out / f"seed{seed}"
+        by_seed[seed] = []
+        for recipe, name, extra in RECIPES:
+            _run(f"mmpeft.recipes.{recipe}", [f"training.output_dir={runs / name}", f"fixture.cache={cache}",
+                                              f"training.seed={seed}", *[e.format(out=runs) for e in extra]])
+            metrics = json.loads((runs / name / "metrics.json").read_text())
+            by_seed[seed] += family_of(recipe).figures[recipe](name, metrics)
+    if len(seeds) > 1:
+        (out / "figures_by_seed.json").write_text(json.dumps(
+            {str(seed): [{"part": p, "figure": f, "value": v, "reference": r} for p, f, v, r in seed_rows]
+             for seed, seed_rows in by_seed.items()}, indent=1) + "\n")
+    return rows + spread_rows(by_seed)
+
+
+def spread_rows(by_seed: dict[int, list[FigureRow]]) -> list[FigureRow]:
+    """One row for each figure of several recipe seeds' runs: the mean value, and as its
+    reference every seed's value, the spread (largest - smallest) and the first seed's own
+    reference. One seed's rows come back as they are."""
+    seeds = list(by_seed)
+    first = by_seed[seeds[0]]
+    if len(seeds) == 1:
+        return first
+    rows = []
+    for k, (part, figure, _, reference) in enumerate(first):
+        same = [by_seed[s][k] for s in seeds]
+        if any(r[:2] != (part, figure) for r in same):
+            raise ValueError(f"seed runs disagree on row {k}: {[r[:2] for r in same]}")
+        values = [r[2] for r in same]
+        shown = ", ".join(f"{v:.3f}" for v in values)
+        rows.append((part, figure, sum(values) / len(values),
+                     f"seeds {', '.join(map(str, seeds))}: {shown}; spread {max(values) - min(values):.3f}; "
+                     f"seed {seeds[0]}: {reference}"))
     return rows
 
 
@@ -148,14 +182,17 @@ def run_connectors(out: Path, cache: Path) -> list[FigureRow]:
 
 ZOO_TITLE = "Tiny zoo, scored on the world's test split:"
 RECIPES_TITLE = "Recipes on the tiny preset:"
+SEEDS_TITLE = "Recipes on the tiny preset, mean of {n} recipe seeds (each seed's value and the spread follow):"
 CONNECTORS_TITLE = "Held-out answer accuracy with each connector (LLaVA stages 1 and 2, or Flamingo):"
 
 
-def run(command: str, out: Path, cache: Path, zoo_records: dict, started: float) -> None:
-    """`pipeline` or `connectors` after the world and zoo are built: run, print, write."""
+def run(command: str, out: Path, cache: Path, zoo_records: dict, started: float, seeds: Sequence[int] = (0,)) -> None:
+    """`pipeline` or `connectors` after the world and zoo are built: run, print, write.
+    `seeds`: the recipe seeds the pipeline runs (`run_recipes`)."""
     tables = {ZOO_TITLE: zoo_figures(zoo_records)}
     if command == "pipeline":
-        tables[RECIPES_TITLE] = run_recipes(out, cache)
+        title = RECIPES_TITLE if len(seeds) == 1 else SEEDS_TITLE.format(n=len(seeds))
+        tables[title] = run_recipes(out, cache, seeds)
     else:
         tables[CONNECTORS_TITLE] = run_connectors(out, cache)
     for title, rows in list(tables.items())[1:]:

@@ -107,7 +107,7 @@ def test_stage2_on_two_ranks_under_zero3_starts_from_stage1(stage2, stage1):
                                                         "checkpoint-2", "checkpoint-4", "metrics.json", "samples"}
     assert {p.name for p in (out / "checkpoint-4").iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "mapper.safetensors"}
     history = _history(out / "checkpoint-4")
-    assert set(history[0]) == {"step", "loss", "text_loss", "image_loss", "lr", "seconds"}
+    assert set(history[0]) == {"step", "loss", "text_loss", "image_loss", "decision_loss", "lr", "seconds"}
     # Four steps on stories move the text loss less than batches differ, so the test checks
     # what trained instead: the mapper's transformer and output moved from stage 1's, its MLP
     # and query (frozen in stage 2) did not, and LoRA's B matrices left zero.

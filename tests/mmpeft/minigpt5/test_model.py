@@ -2,14 +2,16 @@
 that a saved model loads back with the same outputs."""
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from mmpeft.data.conversation import ConversationEncoder
-from mmpeft.data.stories import VokenDataset, caption_voken_sample, collate_vokens
+from mmpeft.data.conversation import ConversationEncoder, Sample
+from mmpeft.data.stories import StoryStep, VokenDataset, caption_voken_sample, collate_vokens, story_samples
 from mmpeft.data.templates import chat_template
 from mmpeft.llava.model import llava_parts, llava_processor, load_base_models
 from mmpeft.minigpt5.checkpoint import (
@@ -20,12 +22,13 @@ from mmpeft.minigpt5.checkpoint import (
     save_minigpt5,
     training_scheduler,
 )
-from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, cfg_dropout, mapper_parts
+from mmpeft.minigpt5.model import LossWeights, MiniGPT5, VokenMapper, cfg_dropout, mapper_parts, voken_decisions
 from mmpeft.models.trainable import LoraSettings, apply_trainability
-from mmpeft.models.vokens import trainable_token_targets, voken_features, voken_starts
+from mmpeft.models.vokens import mask_forced_vokens, trainable_token_targets, voken_features, voken_starts
 from mmpeft.presets import resolve_preset
 
 MAPPER = {"d_model": 32, "heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff": 64}
+CONFIGS = Path(__file__).resolve().parents[3] / "recipes" / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,62 @@ def test_img0_and_the_end_of_turn_are_labels_the_forced_vokens_are_not(built):
     assert labels[start:start + 8] == [voken_ids[0]] + [-100] * 7
     assert labels[start + 8] == ids[start + 8] != -100  # the end of turn after the run
     assert all(lab == -100 for lab in labels[:start])  # the caption prompt carries no loss
+
+
+def test_the_decisions_not_to_draw_are_a_text_answers_first_and_last_token(built):
+    _, llava, voken_ids, tokenizer, _, _, image_processor, _ = built
+    encoder = ConversationEncoder(tokenizer, image_processor, chat_template(tokenizer, "tokenizer"), "<image>",
+                                  llava.config.image_seq_length, 192)
+    steps = [StoryStep("A red circle appears.", Path("a.png")), StoryStep("The red circle grows.", Path("b.png"))]
+    prompts = {"image": "Draw: {text}", "multimodal": "What next?", "text": "What is here?"}
+    decided = {}
+    for s in story_samples("s", steps, prompts, last_step_only=True):  # the three tasks of the second step
+        row = encoder.encode_text(s.sample)
+        ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor([mask_forced_vokens(row["input_ids"], row["labels"], voken_ids)])
+        decided[s.sample.id] = tokenizer.convert_ids_to_tokens(ids[voken_decisions(ids, labels, voken_ids)].tolist())
+    first = tokenizer.tokenize("The red circle grows.")[0]
+    # [IMG0] is predicted by its own voken feature and is left to the text loss; the end of
+    # turn after [IMG7] decides nothing
+    assert decided == {"s/1/image": [], "s/1/multimodal": [first], "s/1/text": [first, tokenizer.eos_token]}
+
+
+def test_the_decision_term_is_the_lm_loss_where_an_answer_does_not_draw(built):
+    model, _ = _model(built, cfg_rate=0.0)
+    model.weights = LossWeights(decision=2.0)
+    model.eval()
+    caption = _batch(built, n=1)
+    assert model(**caption)["decision_loss"].item() == 0.0  # an answer that draws decides nothing here
+    model.weights = LossWeights()
+    assert "decision_loss" not in model(**caption)  # MiniGPT-5's weights: not computed, not logged
+    model.weights = LossWeights(decision=2.0)
+    encoder = built[5]
+    text = Sample("t", [{"role": "user", "content": "What is here?"},
+                        {"role": "assistant", "content": "A red circle."}])
+    rows = [{**encoder.encode_text(caption_voken_sample("s", b"", "a caption", "Draw: {caption}").sample),
+             "target_latents": caption["target_latents"], "caption_embeds": caption["caption_embeds"]},
+            encoder.encode_text(text)]
+    batch = collate_vokens(0)(rows)
+    parts = model(**batch)
+    with torch.no_grad():
+        logits = model.llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labelled = torch.nonzero(batch["labels"][1] != -100)[:, 0]
+    first, last = labelled[0].item(), labelled[-1].item()
+    logp = logits[1].log_softmax(-1)
+    expected = -(logp[first - 1, batch["labels"][1, first]] + logp[last - 1, batch["labels"][1, last]]) / 2
+    assert torch.allclose(parts["decision_loss"], expected, atol=1e-5)
+    assert torch.allclose(parts["loss"], 0.01 * parts["text_loss"] + parts["image_loss"] + 0.1 * parts["caption_loss"]
+                          + 2.0 * parts["decision_loss"])
+
+
+def test_the_vicuna_configs_keep_minigpt5s_weights_and_only_tiny_stage2_trains_the_decision():
+    weights = {name: yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["loss"]["weights"]
+               for name in ("minigpt5_stage1_tiny", "minigpt5_stage2_tiny", "minigpt5_stage1_vicuna",
+                            "minigpt5_stage2_vicuna")}
+    minigpt5 = {"text": 0.01, "image": 1.0, "caption": 0.1, "decision": 0.0}
+    assert weights["minigpt5_stage1_vicuna"] == weights["minigpt5_stage2_vicuna"] == minigpt5
+    assert weights["minigpt5_stage1_tiny"] == minigpt5  # one task, every answer an image: nothing to decide
+    assert weights["minigpt5_stage2_tiny"]["decision"] > 0  # docs/findings.md: the tiny LM needs it
 
 
 def test_mapper_output_has_the_loaded_unets_condition_shape(built):
