@@ -58,6 +58,11 @@ def table_lines(rows: list[FigureRow]) -> list[str]:
     return lines
 
 
+def row_records(rows: list[FigureRow]) -> list[dict]:
+    """A figures table's rows as JSON objects (part, figure, value, reference)."""
+    return [{"part": p, "figure": f, "value": v, "reference": r} for p, f, v, r in rows]
+
+
 def write_figures(out: Path, tables: dict[str, list[FigureRow]], seconds: float) -> tuple[Path, Path, Path]:
     """`figures.json`, `figures.md` and `report.html` in `out`: each table's rows, with the
     machine and the time the run took; the report adds every run's plot and links."""
@@ -67,8 +72,7 @@ def write_figures(out: Path, tables: dict[str, list[FigureRow]], seconds: float)
     machine = {"platform": platform.platform(), "processor": platform.machine(),
                "cpus": os.cpu_count(), "python": platform.python_version()}
     record = {"seconds": round(seconds, 1), "machine": machine,
-              "tables": {title: [{"part": p, "figure": f, "value": v, "reference": r} for p, f, v, r in rows]
-                         for title, rows in tables.items()}}
+              "tables": {title: row_records(rows) for title, rows in tables.items()}}
     (out / "figures.json").write_text(json.dumps(record, indent=1) + "\n")
     written = (f"Written by `mmpeft pipeline` in {seconds / 60:.1f} minutes on {machine['cpus']} CPUs "
                f"({machine['processor']}, {machine['platform']}, Python {machine['python']}).")
@@ -120,8 +124,7 @@ def run_recipes(out: Path, cache: Path, seeds: Sequence[int] = (0,)) -> list[Fig
             by_seed[seed] += family_of(recipe).figures[recipe](name, metrics)
     if len(seeds) > 1:
         (out / "figures_by_seed.json").write_text(json.dumps(
-            {str(seed): [{"part": p, "figure": f, "value": v, "reference": r} for p, f, v, r in seed_rows]
-             for seed, seed_rows in by_seed.items()}, indent=1) + "\n")
+            {str(seed): row_records(seed_rows) for seed, seed_rows in by_seed.items()}, indent=1) + "\n")
     return rows + spread_rows(by_seed)
 
 
