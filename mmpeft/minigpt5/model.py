@@ -3,7 +3,7 @@
 diffusion loss through the frozen UNet.
 
     loss = w_text * LM loss + w_image * latent diffusion loss (Min-SNR) + w_caption * caption MSE
-           + w_decision * LM loss at the voken decisions
+           + w_decision * -log(1 - p([IMG0])) where an answer decides not to draw
 
 The diffusion loss regresses what the UNet predicts (its scheduler's `prediction_type`:
 the noise for SD 2.1-base, the velocity for SD 2.1 at 768 px).
@@ -14,11 +14,13 @@ voken states of a fraction of occurrences by zeros (and their caption target by 
 prompt's encoding), so `mapper(zeros)` learns to be the unconditional embedding that
 classifier-free guidance pushes away from.
 
-The decision term (not in MiniGPT-5, whose weight is 0) is the LM loss at the tokens where
-an answer decides not to draw (`voken_decisions`): the first token of an answer that starts
-with text, and the token that ends an answer with no image. With a text weight of 0.01 a
-small LM learns `[IMG0]` from the image loss alone and starts text answers with it
-(docs/findings.md). The term reads no state that conditions an image: `[IMG0]` itself is
+The decision term (not in MiniGPT-5, whose weight is 0) teaches where not to draw: at the
+tokens where an answer decides against an image (`voken_decisions`: the first token of an
+answer that starts with text, the token that ends an answer with no image) it lowers the
+probability of `[IMG0]` alone. With a text weight of 0.01 a small LM learns `[IMG0]` from
+the image loss and starts text answers with it. The full LM loss at those tokens taught the
+decision too, but it stays as high as the next word is uncertain and cost the image
+conditioning (docs/findings.md). The term reads no state that conditions an image: `[IMG0]` itself is
 left to the text loss, since the state that predicts it is `[IMG0]`'s voken feature.
 """
 
@@ -174,15 +176,19 @@ def voken_decisions(input_ids: torch.Tensor, labels: torch.Tensor, voken_ids: li
     return answer & ~after_run & (~before | ~after) & (labels != voken_ids[0])
 
 
-def decision_loss(logits: torch.Tensor, labels: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the labels at `decisions` (`voken_decisions`), each predicted by
-    the logits one position before it; zero (with a gradient path) when there is none."""
+def decision_loss(logits: torch.Tensor, decisions: torch.Tensor, first_voken: int) -> torch.Tensor:
+    """Mean of -log(1 - p(`[IMG0]`)) at `decisions` (`voken_decisions`), each predicted by
+    the logits one position before it: only the choice not to draw is taught, not which
+    word comes instead, so the term fades once `[IMG0]` is unlikely there. Zero (with a
+    gradient path) when there is none."""
     decisions = decisions.clone()
     decisions[:, 0] = False  # a label at position 0 has no prediction
     rows, cols = decisions.nonzero(as_tuple=True)
     if len(rows) == 0:
         return 0.0 * logits.sum()
-    return F.cross_entropy(logits[rows, cols - 1].float(), labels[rows, cols])
+    picked = logits[rows, cols - 1].float()
+    others = torch.cat([picked[:, :first_voken], picked[:, first_voken + 1:]], dim=-1)
+    return (torch.logsumexp(picked, -1) - torch.logsumexp(others, -1)).mean()
 
 
 class MiniGPT5(nn.Module):
@@ -215,7 +221,7 @@ class MiniGPT5(nn.Module):
         parts = {"text_loss": out.loss}
         if self.weights.decision:
             decisions = voken_decisions(batch["input_ids"], batch["labels"], self.voken_ids)
-            parts["decision_loss"] = decision_loss(out.logits, batch["labels"], decisions)
+            parts["decision_loss"] = decision_loss(out.logits, decisions, self.voken_ids[0])
         targets = 0 if target_latents is None else len(target_latents)
         if targets != len(states):
             raise ValueError(f"batch has {len(states)} voken run(s) but {targets} target image(s)")

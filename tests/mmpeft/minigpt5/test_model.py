@@ -92,7 +92,7 @@ def test_the_decisions_not_to_draw_are_a_text_answers_first_and_last_token(built
     assert decided == {"s/1/image": [], "s/1/multimodal": [first], "s/1/text": [first, tokenizer.eos_token]}
 
 
-def test_the_decision_term_is_the_lm_loss_where_an_answer_does_not_draw(built):
+def test_the_decision_term_lowers_img0_where_an_answer_does_not_draw(built):
     model, _ = _model(built, cfg_rate=0.0)
     model.weights = LossWeights(decision=2.0)
     model.eval()
@@ -113,8 +113,8 @@ def test_the_decision_term_is_the_lm_loss_where_an_answer_does_not_draw(built):
         logits = model.llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labelled = torch.nonzero(batch["labels"][1] != -100)[:, 0]
     first, last = labelled[0].item(), labelled[-1].item()
-    logp = logits[1].log_softmax(-1)
-    expected = -(logp[first - 1, batch["labels"][1, first]] + logp[last - 1, batch["labels"][1, last]]) / 2
+    p_img0 = logits[1].softmax(-1)[:, model.voken_ids[0]]
+    expected = -(torch.log1p(-p_img0[first - 1]) + torch.log1p(-p_img0[last - 1])) / 2
     assert torch.allclose(parts["decision_loss"], expected, atol=1e-5)
     assert torch.allclose(parts["loss"], 0.01 * parts["text_loss"] + parts["image_loss"] + 0.1 * parts["caption_loss"]
                           + 2.0 * parts["decision_loss"])
