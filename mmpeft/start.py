@@ -72,7 +72,8 @@ def ds_config_file(value: str | None, config_path: str | Path) -> str | None:
 def start_run(config_path: str, overrides: list[str], environ: dict, push_to: str | None = None):
     """What every recipe does first: read the config with its `dotted.key=value`
     overrides, check that a push at the end could start (`push_to`, a repo id), join the
-    process group (one process under plain `python`), set the thread count, find or build
+    process group (one process under plain `python`), set the thread count, warn when bf16 is
+    asked of a CPU without bfloat16 kernels (`slow_bf16_warning`), find or build
     the fixture's world and zoo when the config asks for them and fill `{world}` / `{zoo}` into it.
     Returns `(config, zoo folder or None, rank, log)`, where `log` prints on the first
     rank only."""
@@ -82,6 +83,7 @@ def start_run(config_path: str, overrides: list[str], environ: dict, push_to: st
     from mmpeft.hub import check_push_ready
     from mmpeft.tiny import fixture_problems, folders_for
     from mmpeft.train.loop import setup_distributed
+    from mmpeft.train.placement import slow_bf16_warning
 
     cfg = load_config(config_path, overrides)
     problems = fixture_problems(cfg)
@@ -94,8 +96,12 @@ def start_run(config_path: str, overrides: list[str], environ: dict, push_to: st
     rank, _ = setup_distributed()
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
+    log = print if rank == 0 else (lambda *_: None)
+    warning = slow_bf16_warning(cfg.get("training", {}), torch.cuda.is_available())
+    if warning:
+        log(warning)
     world, zoo = folders_for(cfg, environ)
-    return fill(cfg, world=world, zoo=zoo), zoo, rank, (print if rank == 0 else (lambda *_: None))
+    return fill(cfg, world=world, zoo=zoo), zoo, rank, log
 
 
 def run_recipe(main, argv: list[str] | None = None) -> None:

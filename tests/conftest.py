@@ -1,5 +1,7 @@
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,14 @@ from mmpeft.tiny.zoo import ZooSpec, build_zoo  # noqa: E402
 SMALL_WORLD = WorldSpec(seed=3, images=(40, 6, 30), stories=(4, 2, 2), shard_size=16)
 SMALL_ZOO = ZooSpec(seed=3, clip_steps=2, lm_steps=2, lm_extra_chats=4, vae_steps=2, unet_steps=2,
                     sd_single_objects=4, eval_questions=4)
+
+
+def _die_with_parent() -> None:
+    """In a child process before it starts: on Linux, be killed when pytest ends. A run that
+    outlives pytest-timeout's limit (which ends pytest with `os._exit`, past `subprocess.run`'s
+    own cleanup) would otherwise go on training, unseen, on the cores the next run needs."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +78,8 @@ def run_shipped_config():
     def run(script: str, config: str, *overrides: str, timeout: int = 600) -> str:
         cmd = [sys.executable, f"recipes/{script}", "--config", f"recipes/configs/{config}", *overrides]
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                              preexec_fn=_die_with_parent)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 

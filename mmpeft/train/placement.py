@@ -11,11 +11,16 @@ which every rank must enter), so a recipe evaluates a partitioned model only aft
 training, on the run reloaded from its output folder. An embedding that grows for new
 tokens is rebuilt whole by transformers (its shape is read elsewhere) and partitioned when
 the engine starts.
+
+A run without CUDA also learns here whether this CPU computes in bfloat16 at speed: without
+AVX-512 BF16 or AMX kernels a bf16 matmul takes tens to hundreds of times longer than a
+float32 one, and a real config (bf16) rehearsed on such a CPU takes hours for two steps.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -98,3 +103,39 @@ def match_partitioned_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -
     for p in model.parameters():
         if p.is_floating_point() and not is_partitioned(p) and p.dtype != dtype:
             p.data = p.data.to(dtype)
+
+
+SLOW_BF16 = 8.0  # bf16 / float32 matmul time beyond which a CPU lacks bfloat16 kernels
+
+
+def cpu_bf16_slowdown(size: int = 256, repeats: int = 5) -> float:
+    """How many times longer a `size`-square bfloat16 matmul takes than a float32 one on
+    this CPU, at the current thread count (best of `repeats` each): about 1 or below with
+    bfloat16 kernels (AVX-512 BF16, AMX), above `SLOW_BF16` without (AVX2 only)."""
+    a, b = torch.randn(size, size, device="cpu"), torch.randn(size, size, device="cpu")
+
+    def best(dtype: torch.dtype) -> float:
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y  # the first call picks and readies the kernel
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+
+
+def slow_bf16_warning(training: dict, cuda: bool, slowdown=cpu_bf16_slowdown) -> str | None:
+    """The start-up warning for `training:` settings that ask for bf16 on a machine without
+    CUDA whose CPU computes bfloat16 slowly (`slowdown()` above `SLOW_BF16`), else None. The
+    run keeps the precision it was given: a float32 rehearsal is the user's choice to make."""
+    if cuda or not training.get("bf16"):
+        return None
+    ratio = slowdown()
+    if ratio <= SLOW_BF16:
+        return None
+    return (f"warning: training.bf16 on a CPU without bfloat16 kernels (no AVX-512 BF16 or AMX): a bfloat16 "
+            f"matmul here takes {ratio:.0f}x as long as a float32 one, so each step runs that much slower; "
+            "to rehearse this config on this CPU, add training.bf16=false")

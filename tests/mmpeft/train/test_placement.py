@@ -1,12 +1,24 @@
+import os
+import platform
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from mmpeft.train.placement import partitioned_loading, rank_device, zero3_loading_config
+from mmpeft.train.placement import (
+    SLOW_BF16,
+    partitioned_loading,
+    rank_device,
+    slow_bf16_warning,
+    zero3_loading_config,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
+# torch's own kernels and oneDNN's held to AVX2, as on a CPU without AVX-512: no bfloat16 kernels
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def test_each_rank_evaluates_on_its_own_gpu():
@@ -100,3 +112,30 @@ def test_each_rank_makes_its_own_gpu_current_before_any_collective(monkeypatch):
     assert use_rank_device(gpu) == torch.device("cuda", 3) and gpu.current == torch.device("cuda", 3)
     cpu = _FakeCuda(False)
     assert use_rank_device(cpu) == torch.device("cpu") and cpu.current is None
+
+
+def test_bf16_without_cuda_on_a_cpu_without_bfloat16_kernels_is_warned_about_and_kept():
+    def never():
+        raise AssertionError("measured where it does not matter")
+
+    warning = slow_bf16_warning({"bf16": True}, cuda=False, slowdown=lambda: 82.4)
+    assert warning.startswith("warning: training.bf16 on a CPU without bfloat16 kernels")
+    assert "takes 82x as long as a float32 one" in warning and warning.endswith("add training.bf16=false")
+    assert slow_bf16_warning({"bf16": True}, cuda=False, slowdown=lambda: SLOW_BF16) is None  # a CPU with them
+    assert slow_bf16_warning({"bf16": True}, cuda=True, slowdown=never) is None
+    assert slow_bf16_warning({"bf16": False, "fp16": False}, cuda=False, slowdown=never) is None
+    assert slow_bf16_warning({}, cuda=False, slowdown=never) is None
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 limits apply to x86 CPUs")
+def test_a_recipe_start_on_a_cpu_held_to_avx2_warns_about_the_shipped_bf16():
+    script = ("import os; from mmpeft.start import start_run; "
+              "cfg, *_ = start_run('recipes/configs/minigpt5_stage1_vicuna.yaml', ['threads=1'], dict(os.environ)); "
+              "print('bf16 kept:', cfg['training']['bf16'])")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **AVX2_ONLY, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = next(line for line in proc.stdout.splitlines() if line.startswith("warning: training.bf16"))
+    ratio = float(warning.split("takes ")[1].split("x as long")[0])
+    assert ratio > SLOW_BF16, warning
+    assert "bf16 kept: True" in proc.stdout  # warned, not changed
